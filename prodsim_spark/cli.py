@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from prodsim_spark.config import CATALOG_FORMATS, ProdsimConfig, load_config
-from prodsim_spark.errors import ProdsimError
+from prodsim_spark.errors import ConfigError, ProdsimError
 
 log = logging.getLogger("prodsim_spark.cli")
 
@@ -37,13 +37,27 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", help="run the whole job on a catalog",
         description="Run every stage on a catalog and write Delta tables under --output: "
-                    "catalog (validated rows, each with status and reason).")
+                    "catalog (validated rows, each with status and reason), embeddings (text and "
+                    "image vectors, incremental: a re-run encodes only new or changed products).")
     run.add_argument("--catalog", required=True, metavar="PATH",
                      help="catalog file or folder (local path, file://, s3a://, dbfs:/, abfss://)")
     run.add_argument("--output", required=True, metavar="DIR", help="folder for the output Delta tables")
     run.add_argument("--format", choices=CATALOG_FORMATS, default=None,
                      help="catalog format (default: ingest.format, 'auto' = from the path)")
     _add_config_args(run)
+
+    bench = sub.add_parser("bench", help="benchmarks: ours vs a baseline, in one run",
+                           description="Benchmarks that compare ours with a baseline in one run (medians of repeats).")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="WHAT")
+    b_embed = bench_sub.add_parser(
+        "embed", help="Spark embedding stage vs the bare encoder (text and images)",
+        description="Throughput of the Spark embedding stage vs the bare encoder in one process, on the same "
+                    "rows and batch size: rows_per_s_spark, rows_per_s_bare and ratio (spark/bare), text and images.")
+    b_embed.add_argument("--rows", type=int, default=2000, help="texts to encode (sample catalog, cycled)")
+    b_embed.add_argument("--image-rows", type=int, default=400, help="images to decode and encode (0: skip)")
+    b_embed.add_argument("--repeats", type=int, default=3, help="runs of each; medians are reported")
+    b_embed.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_config_args(b_embed)
     return parser
 
 
@@ -80,12 +94,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     print("  status:  " + ", ".join(f"{k} {v}" for k, v in result.status.items()))
     for code, count in result.reasons.items():
         print(f"  reason:  {code:<24} {count}")
+    if result.embed:
+        e = result.embed
+        print(f"  embed:   {e['text_encoded']} texts and {e['image_encoded']} images encoded, "
+              f"{e['image_failed']} images unreadable, {e['reused']} products reused, {e['removed']} removed")
     for name, path in result.tables.items():
         print(f"  table:   {name:<12} {path}")
     return 0
 
 
-COMMANDS = {"run": cmd_run}
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from prodsim_spark import bench
+    from prodsim_spark.session import get_session
+
+    if args.bench is None:
+        raise ConfigError("prodsim bench: say what to benchmark: prodsim bench embed")
+    config = _config_from(args)
+    spark = get_session(config.spark)
+    result = bench.bench_embed(spark, config, rows=args.rows, image_rows=args.image_rows, repeats=args.repeats)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for kind in ("text", "image"):
+            if kind in result:
+                r = result[kind]
+                print(f"{kind:<6} {r['rows']:>6} rows  spark {r['rows_per_s_spark']:>8.1f}/s  "
+                      f"bare {r['rows_per_s_bare']:>8.1f}/s  ratio {r['ratio']:.3f}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ import io
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -70,6 +70,19 @@ def _l2_normalise(x):
     return torch.nn.functional.normalize(x.float(), p=2, dim=1)
 
 
+def text_encoder_id(settings: TextEncoderSettings) -> str:
+    """Changes whenever the vectors would: another model, other weights, another token limit."""
+    revision = settings.revision or fingerprint(resolve_location(settings.model))
+    return f"text:{settings.model}@{revision}/max_tokens={settings.max_tokens}"
+
+
+def image_encoder_id(settings: ImageEncoderSettings) -> str:
+    location = settings.model if settings.kind == "huggingface" else (settings.weights or "")
+    revision = settings.revision or fingerprint(resolve_location(location) if location else "")
+    return (f"image:{settings.kind}:{settings.model}@{revision}/size={settings.image_size}"
+            f"/crop={settings.crop_pct}/mean={settings.mean}/std={settings.std}")
+
+
 # --------------------------------------------------------------------------------------------
 # text
 
@@ -90,8 +103,7 @@ class TextEncoder:
         if self.device.startswith("cuda"):
             self.model = self.model.half()
         self.dim = int(self.model.config.hidden_size)
-        revision = settings.revision or fingerprint(location)
-        self.encoder_id = f"text:{settings.model}@{revision}/max_tokens={settings.max_tokens}"
+        self.encoder_id = text_encoder_id(settings)
         self._torch = torch
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
@@ -229,12 +241,10 @@ class ImageEncoder:
             local_only = Path(location).exists() or os.environ.get("HF_HUB_OFFLINE") == "1"
             self._processor = AutoImageProcessor.from_pretrained(location, local_files_only=local_only)
             model = AutoModel.from_pretrained(location, local_files_only=local_only)
-            weights = location
         self.model = model.eval().to(self.device)
         if self.device.startswith("cuda"):
             self.model = self.model.half()
-        self.encoder_id = (f"image:{settings.kind}:{settings.model}@{settings.revision or fingerprint(weights or '')}"
-                           f"/size={settings.image_size}")
+        self.encoder_id = image_encoder_id(settings)
         self.dim = int(self._forward(torch.zeros(1, 3, settings.image_size, settings.image_size)).shape[1])
         self._transform = None if self._processor else self._make_transform()
 
@@ -335,7 +345,10 @@ def _drop_classifier(model) -> None:
 
 @dataclass
 class EncoderStats:
-    """Per-process counters (a test reads them to prove each worker loads each encoder once)."""
+    """Per-process counters by encoder key: a test reads them to prove each worker loads each encoder once."""
 
-    loads: int = 0
-    batches: int = 0
+    loads: dict = field(default_factory=dict)
+    batches: dict = field(default_factory=dict)
+
+    def count(self, counter: dict, key: str) -> None:
+        counter[key] = counter.get(key, 0) + 1

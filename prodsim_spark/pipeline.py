@@ -4,6 +4,7 @@ Used by the CLI (``prodsim run``), the spark-submit jobs and the notebooks, so a
 the same thing. Tables written under ``<output>``:
 
 * ``catalog``: the validated catalog, every input row with status and reason (ingest stage).
+* ``embeddings``: text and image vectors per product, updated incrementally (embed stage).
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import logging
 from dataclasses import dataclass, field
 
 from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
 
-from prodsim_spark import ingest, io
+from prodsim_spark import embed, encoders, ingest, io
 from prodsim_spark.config import ProdsimConfig
 from prodsim_spark.progress import stage
 
@@ -26,6 +28,7 @@ class RunResult:
     rows: int = 0
     status: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)
+    embed: dict[str, int] = field(default_factory=dict)
 
 
 def table_path(output: str, name: str) -> str:
@@ -50,6 +53,46 @@ def run_ingest(spark: SparkSession, catalog_path: str, output: str, config: Prod
     return result
 
 
+def torch_threads(spark: SparkSession, config: ProdsimConfig) -> int:
+    """CPU threads per task: tasks x threads should not exceed the cores (spark.task.cpus per task)."""
+    return config.embed.torch_threads or int(spark.conf.get("spark.task.cpus", "1") or 1)
+
+
+def run_embed(spark: SparkSession, output: str, config: ProdsimConfig, result: RunResult) -> RunResult:
+    settings = config.embed
+    catalog = io.read_delta(spark, table_path(output, "catalog"))
+    path = table_path(output, "embeddings")
+    existing = io.read_delta(spark, path) if io.delta_table_exists(spark, path) else None
+    text_id = encoders.text_encoder_id(settings.text) if settings.text.enabled else None
+    image_id = encoders.image_encoder_id(settings.image) if settings.image.enabled else None
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(settings.arrow_batch_size))
+    with stage(spark, "embed", f"encode new or changed products -> {path}"):
+        plan = embed.plan_embeddings(catalog, existing, settings, text_id, image_id)
+        # encode once: the MERGE and the counts below read the persisted result, not a recomputation
+        updates = embed.encode(plan, settings, torch_threads(spark, config)).persist()
+        counts = updates.agg(
+            F.count("*").alias("products"),
+            F.sum(F.when(F.col("need_text") & F.col("text_embedding").isNotNull(), 1).otherwise(0)).alias("text_encoded"),
+            F.sum(F.when(F.col("need_image") & F.col("image_embedding").isNotNull(), 1).otherwise(0)).alias("image_encoded"),
+            F.sum(F.when(F.col("need_image") & F.col("image_error").isNotNull(), 1).otherwise(0)).alias("image_failed"),
+            F.sum(F.when(~F.col("need_text") & ~F.col("need_image"), 1).otherwise(0)).alias("reused"),
+            F.sum(F.when(F.col("is_new"), 1).otherwise(0)).alias("new_products"),
+        ).first().asDict()
+        removed = 0 if existing is None else (
+            existing.where("removed_at IS NULL").join(updates.select("product_id"), "product_id", "left_anti").count())
+        embed.merge_embeddings(spark, path, updates, settings.on_removed)
+        updates.unpersist()
+    result.embed = {k: int(v or 0) for k, v in counts.items()} | {"removed": removed}
+    result.tables["embeddings"] = path
+    e = result.embed
+    log.info("[embed] %d products: encoded %d texts and %d images (%d images failed), reused %d, removed %d",
+             e["products"], e["text_encoded"], e["image_encoded"], e["image_failed"], e["reused"], removed)
+    return result
+
+
 def run_pipeline(spark: SparkSession, catalog_path: str, output: str, config: ProdsimConfig) -> RunResult:
     """Run every stage in order and return what was written."""
-    return run_ingest(spark, catalog_path, output, config)
+    result = run_ingest(spark, catalog_path, output, config)
+    if config.embed.text.enabled or config.embed.image.enabled:
+        run_embed(spark, output, config, result)
+    return result
