@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="run the whole job on a catalog",
         description="Run every stage on a catalog and write Delta tables under --output: "
                     "catalog (validated rows, each with status and reason), embeddings (text and "
-                    "image vectors, incremental: a re-run encodes only new or changed products).")
+                    "image vectors, incremental: a re-run encodes only new or changed products), neighbours (each "
+                    "product's K most similar products with per-component scores).")
     run.add_argument("--catalog", required=True, metavar="PATH",
                      help="catalog file or folder (local path, file://, s3a://, dbfs:/, abfss://)")
     run.add_argument("--output", required=True, metavar="DIR", help="folder for the output Delta tables")
@@ -98,9 +99,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         e = result.embed
         print(f"  embed:   {e['text_encoded']} texts and {e['image_encoded']} images encoded, "
               f"{e['image_failed']} images unreadable, {e['reused']} products reused, {e['removed']} removed")
+    if result.join:
+        print(f"  join:    {result.join['with_neighbours']} of {result.join['rows']} rows have neighbours")
     for name, path in result.tables.items():
         print(f"  table:   {name:<12} {path}")
+    if "neighbours" in result.tables:
+        _print_samples(spark, result.tables["neighbours"], output)
     return 0
+
+
+def _print_samples(spark, neighbours_path: str, output: str, n: int = 3) -> None:
+    from pyspark.sql import functions as F
+
+    from prodsim_spark import io
+
+    titles = io.read_delta(spark, output.rstrip("/") + "/catalog").where("status != 'rejected'") \
+        .select("product_id", "title")
+    rows = (io.read_delta(spark, neighbours_path).where(F.size("neighbours") > 0)
+            .orderBy("source_row").limit(n).collect())
+    title = {r["product_id"]: r["title"] for r in titles.collect()}
+    print("\nsample neighbours (score: text + image + brand + category + price):")
+    for r in rows:
+        print(f"  {r['product_id']} {title.get(r['product_id']) or ''!s:.40}")
+        for nb in r["neighbours"][:3]:
+            parts = " + ".join(f"{nb[c]:.2f}" for c in ("text", "image", "brand", "category", "price"))
+            print(f"      {nb['score']:.3f} = {parts}  {nb['product_id']} {title.get(nb['product_id']) or ''!s:.40}")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -108,10 +108,40 @@ class EmbedSettings(_Section):
     image: ImageEncoderSettings = Field(default_factory=ImageEncoderSettings)
 
 
+class FusionWeights(_Section):
+    """Weight of each component in the fused score (renormalised over the components a pair shares)."""
+
+    text: float = Field(default=1.0, ge=0)
+    image: float = Field(default=1.0, ge=0)
+    brand: float = Field(default=0.1, ge=0)
+    category: float = Field(default=0.1, ge=0)
+    price: float = Field(default=0.1, ge=0)
+
+
+class JoinSettings(_Section):
+    k: int = Field(default=10, ge=1, le=1000)
+    weights: FusionWeights = Field(default_factory=FusionWeights)
+    price_scale: float = Field(default=0.5, gt=0)
+    """Price similarity is exp(-|log p1 - log p2| / price_scale): 0.5 gives 0.44 for a 1.5x price gap."""
+    category_mode: Literal["soft", "hard"] = "soft"
+    """soft: category agreement is a weighted term; hard: only products of one category are compared."""
+    block_size: int = Field(default=1000, ge=2)
+    """Target products per IVF cell. Larger: fewer cells, higher recall at a given nprobe, more work per query."""
+    max_block_size: int = Field(default=4000, ge=2)
+    """Cells predicted to grow past this are split again by k-means, so one skewed cell cannot stall a task."""
+    nprobe: int = Field(default=8, ge=1)
+    """Cells each product searches. Larger: higher recall, time grows about linearly."""
+    sample_size: int = Field(default=20000, ge=10)
+    """Products sampled (on the driver) to train the cell centroids."""
+    kmeans_iterations: int = Field(default=12, ge=1)
+    seed: int = 42
+
+
 class ProdsimConfig(_Section):
     spark: SparkSettings = Field(default_factory=SparkSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     embed: EmbedSettings = Field(default_factory=EmbedSettings)
+    join: JoinSettings = Field(default_factory=JoinSettings)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ the same thing. Tables written under ``<output>``:
 
 * ``catalog``: the validated catalog, every input row with status and reason (ingest stage).
 * ``embeddings``: text and image vectors per product, updated incrementally (embed stage).
+* ``neighbours``: per catalog row, its K most similar products with per-component scores (join stage).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from prodsim_spark import embed, encoders, ingest, io
+from prodsim_spark import embed, encoders, ingest, io, join
 from prodsim_spark.config import ProdsimConfig
 from prodsim_spark.progress import stage
 
@@ -29,6 +30,7 @@ class RunResult:
     status: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)
     embed: dict[str, int] = field(default_factory=dict)
+    join: dict[str, int] = field(default_factory=dict)
 
 
 def table_path(output: str, name: str) -> str:
@@ -90,9 +92,28 @@ def run_embed(spark: SparkSession, output: str, config: ProdsimConfig, result: R
     return result
 
 
+def run_join(spark: SparkSession, output: str, config: ProdsimConfig, result: RunResult) -> RunResult:
+    catalog = io.read_delta(spark, table_path(output, "catalog"))
+    embeddings = io.read_delta(spark, table_path(output, "embeddings"))
+    path = table_path(output, "neighbours")
+    with stage(spark, "join", f"top-{config.join.k} fused neighbours -> {path}"):
+        products = join.join_inputs(catalog, embeddings).persist()
+        found = join.find_neighbours(products, config.join)
+        io.write_delta(join.neighbours_table(catalog, found), path)
+        products.unpersist()
+        written = io.read_delta(spark, path)
+        row = written.agg(F.count("*").alias("rows"),
+                          F.sum(F.when(F.size("neighbours") > 0, 1).otherwise(0)).alias("with_neighbours")).first()
+    result.join = {"rows": int(row["rows"]), "with_neighbours": int(row["with_neighbours"] or 0)}
+    result.tables["neighbours"] = path
+    log.info("[join] %d rows, %d with neighbours", result.join["rows"], result.join["with_neighbours"])
+    return result
+
+
 def run_pipeline(spark: SparkSession, catalog_path: str, output: str, config: ProdsimConfig) -> RunResult:
     """Run every stage in order and return what was written."""
     result = run_ingest(spark, catalog_path, output, config)
     if config.embed.text.enabled or config.embed.image.enabled:
         run_embed(spark, output, config, result)
+        run_join(spark, output, config, result)
     return result

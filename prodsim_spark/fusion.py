@@ -1,0 +1,186 @@
+"""Fused similarity and IVF blocking: pure numpy, no Spark (the join stage runs these inside tasks).
+
+Fused score of a pair (q, m)::
+
+    score = sum_c w_c * a_c(q, m) * sim_c(q, m) / sum_c w_c * a_c(q, m)
+
+over the components c = text, image (cosine of L2-normalised embeddings), brand, category (1 if
+equal, else 0) and price (exp(-|log p_q - log p_m| / price_scale)), where a_c is 1 when both
+products have component c. Renormalising over the components both products have keeps scores of
+text-only, image-only and full products on one scale. Each component's *contribution*
+``w_c * a_c * sim_c / sum w a`` is reported; the contributions add up to the score.
+
+For blocking, the dense modalities are folded into one vector ``[sqrt(w_t) t, sqrt(w_i) i]``
+(unit-normalised): for two products with the same modalities its dot product is exactly their
+dense fused score, so the IVF cells and probes rank candidates by the real score; the structured
+terms and the renormalisation are then applied exactly to every candidate pair.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+COMPONENTS = ("text", "image", "brand", "category", "price")
+
+
+@dataclass
+class Products:
+    """One block of products as arrays; missing values: zero rows + has_* False, code -1, NaN price."""
+
+    ids: np.ndarray          # (n,) object (product_id strings)
+    text: np.ndarray         # (n, dt) float32, unit rows or zeros
+    has_text: np.ndarray     # (n,) bool
+    image: np.ndarray        # (n, di) float32
+    has_image: np.ndarray
+    brand: np.ndarray        # (n,) int64 code, -1 missing
+    category: np.ndarray     # (n,) int64 code, -1 missing
+    log_price: np.ndarray    # (n,) float64, NaN missing
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def take(self, idx) -> "Products":
+        return Products(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+
+
+def stack_vectors(values, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A column of arrays (None for missing) -> (n, dim) float32 matrix with zero rows, and a mask.
+    Vectors are L2-normalised here again, so callers may pass unnormalised embeddings."""
+    n = len(values)
+    out = np.zeros((n, dim), dtype=np.float32)
+    has = np.zeros(n, dtype=bool)
+    for i, v in enumerate(values):
+        if v is not None and len(v) == dim:
+            out[i] = v
+            has[i] = True
+    norms = np.linalg.norm(out, axis=1)
+    has &= norms > 0
+    out[has] /= norms[has, None]
+    return out, has
+
+
+def pair_scores(q: Products, m: Products, weights: dict[str, float], price_scale: float):
+    """(score, contributions) for every pair: (|q|, |m|) matrices; score is NaN where no component is shared."""
+    sims, avail = {}, {}
+    if weights.get("text", 0) > 0 and q.text.shape[1]:
+        sims["text"] = q.text @ m.text.T
+        avail["text"] = np.outer(q.has_text, m.has_text)
+    if weights.get("image", 0) > 0 and q.image.shape[1]:
+        sims["image"] = q.image @ m.image.T
+        avail["image"] = np.outer(q.has_image, m.has_image)
+    for name in ("brand", "category"):
+        if weights.get(name, 0) > 0:
+            a, b = getattr(q, name), getattr(m, name)
+            sims[name] = (a[:, None] == b[None, :]).astype(np.float32)
+            avail[name] = np.outer(a >= 0, b >= 0)
+    if weights.get("price", 0) > 0:
+        diff = np.abs(q.log_price[:, None] - m.log_price[None, :])
+        avail["price"] = ~np.isnan(diff)
+        sims["price"] = np.exp(-np.nan_to_num(diff, nan=0.0) / price_scale).astype(np.float32)
+    total = np.zeros((len(q), len(m)), dtype=np.float32)
+    for name in sims:
+        total += weights[name] * avail[name]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        inv = np.where(total > 0, 1.0 / total, np.nan).astype(np.float32)
+    contributions = {name: (weights[name] * avail[name] * sims[name] * inv).astype(np.float32) for name in sims}
+    score = np.zeros_like(total)
+    for c in contributions.values():
+        score += c
+    return score, contributions
+
+
+def top_k(score: np.ndarray, q_ids: np.ndarray, m_ids: np.ndarray, k: int):
+    """Per query row: the indices of its k best members, self excluded, NaN skipped, ties broken by
+    member id (ascending) so the result never depends on row order. Returns a list of index arrays."""
+    out = []
+    for row in range(score.shape[0]):
+        s = score[row]
+        valid = ~np.isnan(s) & (m_ids != q_ids[row])
+        idx = np.flatnonzero(valid)
+        if len(idx) > k:
+            part = idx[np.argpartition(-s[idx], k - 1)[:k]]
+            threshold = s[part].min()
+            idx = idx[s[idx] >= threshold]  # keep every tie at the boundary, then sort exactly
+        order = np.lexsort((m_ids[idx].astype(str), -s[idx]))
+        out.append(idx[order[:k]])
+    return out
+
+
+def fused_dense(text: np.ndarray, has_text: np.ndarray, image: np.ndarray, has_image: np.ndarray,
+                weights: dict[str, float]) -> np.ndarray:
+    """The blocking vector [sqrt(w_t) t, sqrt(w_i) i], unit-normalised (zero for products with neither)."""
+    parts = []
+    if text.shape[1] and weights.get("text", 0) > 0:
+        parts.append(np.sqrt(weights["text"]) * text * has_text[:, None])
+    if image.shape[1] and weights.get("image", 0) > 0:
+        parts.append(np.sqrt(weights["image"]) * image * has_image[:, None])
+    v = np.concatenate(parts, axis=1).astype(np.float32) if parts else np.zeros((len(text), 1), np.float32)
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    return np.divide(v, norms, out=np.zeros_like(v), where=norms > 0)
+
+
+# --------------------------------------------------------------------------------------------
+# IVF centroids
+
+
+def kmeans(x: np.ndarray, k: int, iterations: int, seed: int) -> np.ndarray:
+    """Spherical k-means (cosine) with k-means++ seeding; returns (k, d) unit centroids."""
+    rng = np.random.default_rng(seed)
+    n = len(x)
+    k = max(1, min(k, n))
+    centroids = np.empty((k, x.shape[1]), dtype=np.float32)
+    centroids[0] = x[rng.integers(n)]
+    closest = 1 - x @ centroids[0]
+    for j in range(1, k):  # k-means++: far points are likelier seeds
+        p = np.clip(closest, 0, None) ** 2
+        p = p / p.sum() if p.sum() > 0 else None
+        centroids[j] = x[rng.choice(n, p=p)]
+        closest = np.minimum(closest, 1 - x @ centroids[j])
+    for _ in range(iterations):
+        assign = np.argmax(x @ centroids.T, axis=1)
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, assign, x)
+        norms = np.linalg.norm(sums, axis=1, keepdims=True)
+        empty = norms[:, 0] == 0
+        centroids = np.where(empty[:, None], centroids, sums / np.where(norms == 0, 1, norms))
+    return centroids.astype(np.float32)
+
+
+def train_cells(sample: np.ndarray, n_total: int, block_size: int, max_block_size: int,
+                iterations: int, seed: int) -> np.ndarray:
+    """Centroids such that no cell is expected to hold more than max_block_size products.
+
+    k = n_total / block_size cells from a k-means on the sample; a cell whose share of the sample
+    predicts more than max_block_size products (a skewed catalog) is split by a k-means of its own
+    members, so one dense region cannot make one giant block that stalls a task.
+    """
+    if len(sample) == 0:
+        return np.zeros((1, sample.shape[1] if sample.ndim == 2 else 1), dtype=np.float32)
+    k = int(np.ceil(n_total / block_size))
+    centroids = kmeans(sample, k, iterations, seed)
+    scale = n_total / len(sample)
+    for _ in range(3):  # a few rounds: a split cell can itself be too big
+        assign = np.argmax(sample @ centroids.T, axis=1)
+        sizes = np.bincount(assign, minlength=len(centroids)) * scale
+        big = np.flatnonzero(sizes > max_block_size)
+        if len(big) == 0:
+            break
+        keep = [centroids[np.setdiff1d(np.arange(len(centroids)), big)]]
+        for c in big:
+            members = sample[assign == c]
+            parts = int(np.ceil(sizes[c] / block_size))
+            keep.append(kmeans(members, parts, iterations, seed + int(c)) if len(members) > parts else centroids[[c]])
+        centroids = np.concatenate(keep).astype(np.float32)
+    return centroids
+
+
+def nearest_cells(x: np.ndarray, centroids: np.ndarray, nprobe: int) -> np.ndarray:
+    """(n, nprobe) cell indices, nearest first (column 0 is the home cell)."""
+    sims = x @ centroids.T
+    nprobe = min(nprobe, centroids.shape[0])
+    if nprobe == centroids.shape[0]:
+        return np.argsort(-sims, axis=1)
+    part = np.argpartition(-sims, nprobe - 1, axis=1)[:, :nprobe]
+    order = np.argsort(-np.take_along_axis(sims, part, axis=1), axis=1)
+    return np.take_along_axis(part, order, axis=1)
