@@ -9,6 +9,8 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
+
 from prodsim_spark.config import ProdsimConfig
 
 log = logging.getLogger(__name__)
@@ -96,3 +98,144 @@ def bench_embed(spark, config: ProdsimConfig, *, rows: int = 2000, image_rows: i
         results["image"] = run("image", items, embed.image_embedding_udf(settings, threads),
                                lambda: bare_img.encode_uris(items, settings.batch_size, settings.decode_threads))
     return results
+
+
+# --------------------------------------------------------------------------------------------
+# join
+
+CHUNK = 10_000
+
+
+def clustered_vectors(start: int, end: int, d: int, seed: int, n_total: int) -> np.ndarray:
+    """Rows [start, end) of a clustered synthetic set of unit vectors, the same whoever computes them
+    (the driver for exact search, Spark tasks for ours): rows come in seeded chunks of CHUNK.
+
+    About n/100 clusters (catalog-like: groups of near-duplicates and variants); noise such that a
+    point's cosine to its own centre is about 0.7."""
+    clusters = max(10, n_total // 100)
+    centres = np.random.default_rng(seed).normal(size=(clusters, d)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    out = []
+    for chunk in range(start // CHUNK, (end - 1) // CHUNK + 1):
+        rng = np.random.default_rng([seed, chunk])
+        lo = chunk * CHUNK
+        hi = min(lo + CHUNK, n_total)
+        which = rng.integers(clusters, size=hi - lo)
+        x = centres[which] + rng.normal(scale=1.0 / np.sqrt(d), size=(hi - lo, d)).astype(np.float32)
+        out.append(x[max(start, lo) - lo:min(end, hi) - lo])
+    x = np.concatenate(out)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def synthetic_products(spark, n: int, d: int, seed: int = 7):
+    """A DataFrame of n products with synthetic text embeddings, generated inside Spark tasks."""
+    parts = max(1, min(n // CHUNK + 1, spark.sparkContext.defaultParallelism * 4))
+    bounds = np.linspace(0, n, parts + 1).astype(int)
+
+    def gen(batches):
+        import pandas as pd
+
+        for pdf in batches:
+            for part in pdf["id"]:
+                lo, hi = int(bounds[part]), int(bounds[part + 1])
+                if hi > lo:
+                    x = clustered_vectors(lo, hi, d, seed, n)
+                    yield pd.DataFrame({"product_id": [f"p{i:07d}" for i in range(lo, hi)],
+                                        "text_embedding": list(x)})
+
+    return (spark.range(parts).repartition(parts)
+            .mapInPandas(gen, "product_id string, text_embedding array<float>"))
+
+
+def exact_top_k(x: np.ndarray, query_rows: np.ndarray, k: int, block: int = 512) -> np.ndarray:
+    """Exact top-k (self excluded) of the given rows against all of x, by blocked matrix multiply."""
+    out = np.empty((len(query_rows), k), dtype=np.int64)
+    for s in range(0, len(query_rows), block):
+        rows = query_rows[s:s + block]
+        sims = x[rows] @ x.T
+        sims[np.arange(len(rows)), rows] = -np.inf
+        part = np.argpartition(-sims, k, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(sims, part, axis=1), axis=1)
+        out[s:s + block] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+def recall(found: dict[str, list[str]], exact: np.ndarray, query_rows: np.ndarray, k: int) -> float:
+    hits = 0
+    for qi, row in enumerate(query_rows):
+        truth = {f"p{j:07d}" for j in exact[qi][:k]}
+        hits += len(truth & set(found.get(f"p{row:07d}", [])[:k]))
+    return hits / (len(query_rows) * k)
+
+
+def _mllib_join(spark, products, n: int, k: int, bucket_length: float, tables: int, threshold: float):
+    """Spark MLlib BucketedRandomProjectionLSH self-join + per-item top-K (the baseline)."""
+    from pyspark.ml.feature import BucketedRandomProjectionLSH
+    from pyspark.ml.functions import array_to_vector
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    df = products.select("product_id", array_to_vector("text_embedding").alias("v")).cache()
+    df.count()
+    model = BucketedRandomProjectionLSH(inputCol="v", outputCol="h", bucketLength=bucket_length,
+                                        numHashTables=tables, seed=1).fit(df)
+    pairs = (model.approxSimilarityJoin(df, df, threshold, distCol="dist")
+             .select(F.col("datasetA.product_id").alias("q"), F.col("datasetB.product_id").alias("m"), "dist")
+             .where("q != m"))
+    w = Window.partitionBy("q").orderBy("dist", "m")
+    top = pairs.withColumn("r", F.row_number().over(w)).where(f"r <= {k}")
+    rows = top.groupBy("q").agg(F.sort_array(F.collect_list(F.struct("r", "m"))).alias("l")).collect()
+    df.unpersist()
+    return {r["q"]: [x["m"] for x in r["l"]] for r in rows}
+
+
+def bench_join(spark, config: ProdsimConfig, *, n: int, k: int, d: int = 384, sample: int = 2000,
+               mllib: bool | None = None, mllib_bucket_length: float = 1.0, mllib_tables: int = 4) -> dict:
+    """Ours vs exact top-K (on a sample of queries, time extrapolated to all n) vs MLlib BRP-LSH (n <= 20,000)."""
+    from pyspark.sql import functions as F
+
+    from prodsim_spark import join
+
+    settings = config.join.model_copy(update={"k": k})
+    settings.weights = settings.weights.model_copy(update={"image": 0.0, "brand": 0.0, "category": 0.0, "price": 0.0})
+    products = synthetic_products(spark, n, d).cache()
+    products.count()
+    started = time.perf_counter()
+    found_df = join.find_neighbours(products, settings)
+    query_rows = np.sort(np.random.default_rng(3).choice(n, size=min(sample, n), replace=False))
+    wanted = [f"p{i:07d}" for i in query_rows]
+    result = found_df.select("product_id", F.col("neighbours.product_id").alias("ids")).persist()
+    result.count()  # forces the whole join, for every product
+    ours_s = time.perf_counter() - started
+    found = {r["product_id"]: r["ids"] for r in result.where(F.col("product_id").isin(wanted)).collect()}
+    result.unpersist()
+
+    x = clustered_vectors(0, n, d, 7, n)
+    started = time.perf_counter()
+    exact = exact_top_k(x, query_rows, k)
+    exact_s = (time.perf_counter() - started) * n / len(query_rows)
+    out = {"n": n, "k": k, "d": d, "ours_s": round(ours_s, 2), "ours_recall": round(recall(found, exact, query_rows, k), 4),
+           "exact_s": round(exact_s, 2), "exact_sample": len(query_rows),
+           "speedup_vs_exact": round(exact_s / ours_s, 2),
+           "settings": {"block_size": settings.block_size, "nprobe": settings.nprobe}}
+    if mllib is None:
+        mllib = n <= 20_000
+    if mllib:
+        started = time.perf_counter()
+        lsh = _mllib_join(spark, products, n, k, mllib_bucket_length, mllib_tables, threshold=1.5)
+        out["mllib_s"] = round(time.perf_counter() - started, 2)
+        out["mllib_recall"] = round(recall(lsh, exact, query_rows, k), 4)
+        out["mllib_setting"] = {"bucketLength": mllib_bucket_length, "numHashTables": mllib_tables}
+        out["speedup_vs_mllib"] = round(out["mllib_s"] / ours_s, 2)
+    else:
+        out.update(mllib_s=None, mllib_recall=None, speedup_vs_mllib=None)
+    products.unpersist()
+    log.info("[bench join] %s", out)
+    return out
+
+
+def bench_scaling(spark, config: ProdsimConfig, sizes=(50_000, 100_000, 200_000, 400_000), k: int = 10) -> dict:
+    runs = [bench_join(spark, config, n=n, k=k, sample=500, mllib=False) for n in sizes]
+    t = np.log([r["ours_s"] for r in runs])
+    exponent = float(np.polyfit(np.log(sizes), t, 1)[0])
+    return {"runs": runs, "scaling_exponent": round(exponent, 3)}

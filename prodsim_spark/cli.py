@@ -59,6 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
     b_embed.add_argument("--repeats", type=int, default=3, help="runs of each; medians are reported")
     b_embed.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_config_args(b_embed)
+    b_join = bench_sub.add_parser(
+        "join", help="our blocked join vs exact top-K vs Spark MLlib LSH",
+        description="On clustered synthetic unit vectors: our join, exact top-K by brute force (on a sample of "
+                    "queries, time extrapolated to all N), and at N <= 20,000 Spark MLlib "
+                    "BucketedRandomProjectionLSH self-join + per-item top-K. Recall is against exact.")
+    b_join.add_argument("--n", type=int, default=20000, help="products")
+    b_join.add_argument("--k", type=int, default=10, help="neighbours per product")
+    b_join.add_argument("--d", type=int, default=384, help="vector dimension")
+    b_join.add_argument("--sample", type=int, default=2000, help="queries checked against exact search")
+    b_join.add_argument("--mllib", choices=["auto", "yes", "no"], default="auto",
+                        help="run the MLlib baseline (auto: when N <= 20,000; it grows as N^2)")
+    b_join.add_argument("--mllib-bucket-length", type=float, default=1.0)
+    b_join.add_argument("--mllib-tables", type=int, default=4)
+    b_join.add_argument("--scaling", action="store_true",
+                        help="run ours at N = 50k, 100k, 200k, 400k and fit the exponent of time vs N")
+    b_join.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_config_args(b_join)
     return parser
 
 
@@ -136,6 +153,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError("prodsim bench: say what to benchmark: prodsim bench embed")
     config = _config_from(args)
     spark = get_session(config.spark)
+    if args.bench == "join":
+        if args.scaling:
+            result = bench.bench_scaling(spark, config, k=args.k)
+        else:
+            mllib = {"auto": None, "yes": True, "no": False}[args.mllib]
+            result = bench.bench_join(spark, config, n=args.n, k=args.k, d=args.d, sample=args.sample, mllib=mllib,
+                                      mllib_bucket_length=args.mllib_bucket_length, mllib_tables=args.mllib_tables)
+        print(json.dumps(result, indent=2) if args.json else result)
+        return 0
     result = bench.bench_embed(spark, config, rows=args.rows, image_rows=args.image_rows, repeats=args.repeats)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -90,21 +90,41 @@ def pair_scores(q: Products, m: Products, weights: dict[str, float], price_scale
     return score, contributions
 
 
-def top_k(score: np.ndarray, q_ids: np.ndarray, m_ids: np.ndarray, k: int):
-    """Per query row: the indices of its k best members, self excluded, NaN skipped, ties broken by
-    member id (ascending) so the result never depends on row order. Returns a list of index arrays."""
-    out = []
-    for row in range(score.shape[0]):
-        s = score[row]
-        valid = ~np.isnan(s) & (m_ids != q_ids[row])
-        idx = np.flatnonzero(valid)
-        if len(idx) > k:
-            part = idx[np.argpartition(-s[idx], k - 1)[:k]]
-            threshold = s[part].min()
-            idx = idx[s[idx] >= threshold]  # keep every tie at the boundary, then sort exactly
-        order = np.lexsort((m_ids[idx].astype(str), -s[idx]))
-        out.append(idx[order[:k]])
-    return out
+def top_k(score: np.ndarray, q_ids: np.ndarray, m_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query row its k best members: self excluded, NaN skipped, ties broken by member id
+    (ascending) so the result never depends on row order.
+
+    Returns (rows, cols) index arrays, grouped by row and sorted best first within a row.
+    Vectorised; rows with a tie at the k-th place take an exact per-row path.
+    """
+    import pandas as pd
+
+    s = np.where(np.isnan(score), -np.inf, score).astype(np.float32)
+    self_col = pd.Index(m_ids).get_indexer(q_ids)  # where a query is also a member: never its own neighbour
+    has_self = self_col >= 0
+    s[np.flatnonzero(has_self), self_col[has_self]] = -np.inf
+    n_q, n_m = s.shape
+    if n_q == 0 or n_m == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    kk = min(k, n_m)
+    part = np.argpartition(-s, kk - 1, axis=1)[:, :kk] if kk < n_m else np.tile(np.arange(n_m), (n_q, 1))
+    vals = np.take_along_axis(s, part, axis=1)
+    kth = vals.min(axis=1)
+    tied = ((s >= kth[:, None]).sum(axis=1) > kk) & np.isfinite(kth)
+    member_rank = np.argsort(np.argsort(m_ids.astype(str), kind="stable"), kind="stable")  # id order as ints
+    order = np.lexsort((member_rank[part], -vals), axis=1)
+    part = np.take_along_axis(part, order, axis=1)
+    vals = np.take_along_axis(vals, order, axis=1)
+    rows_out, cols_out = [], []
+    for r in range(n_q):
+        if tied[r]:  # exact path: every candidate at or above the k-th value, sorted by (score, id)
+            idx = np.flatnonzero(s[r] >= kth[r])
+            idx = idx[np.lexsort((member_rank[idx], -s[r, idx]))][:kk]
+        else:
+            idx = part[r][np.isfinite(vals[r])]
+        rows_out.append(np.full(len(idx), r))
+        cols_out.append(idx)
+    return np.concatenate(rows_out), np.concatenate(cols_out)
 
 
 def fused_dense(text: np.ndarray, has_text: np.ndarray, image: np.ndarray, has_image: np.ndarray,

@@ -51,9 +51,11 @@ def join_inputs(catalog: DataFrame, embeddings: DataFrame) -> DataFrame:
             .join(live, "product_id", "inner"))
 
 
-def _dims(products: DataFrame) -> tuple[int, int]:
-    row = products.select(F.max(F.size("text_embedding")).alias("t"), F.max(F.size("image_embedding")).alias("i")).first()
-    return max(int(row["t"] or 0), 0), max(int(row["i"] or 0), 0)
+def _dims(products: DataFrame) -> tuple[int, int, int]:
+    """Text and image dimensions and the product count, in one pass."""
+    row = products.select(F.max(F.size("text_embedding")).alias("t"), F.max(F.size("image_embedding")).alias("i"),
+                          F.count("*").alias("n")).first()
+    return max(int(row["t"] or 0), 0), max(int(row["i"] or 0), 0), int(row["n"])
 
 
 def _to_products(pdf: pd.DataFrame, dt: int, di: int) -> fusion.Products:
@@ -62,6 +64,22 @@ def _to_products(pdf: pd.DataFrame, dt: int, di: int) -> fusion.Products:
     log_price = pdf["log_price"].to_numpy(dtype=np.float64, na_value=np.nan)
     return fusion.Products(pdf["product_id"].to_numpy(dtype=object), text, has_text, image, has_image,
                            pdf["brand"].to_numpy(dtype=np.int64), pdf["category"].to_numpy(dtype=np.int64), log_price)
+
+
+def _unpack(values, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    out = np.zeros((len(values), dim), dtype=np.float32)
+    has = np.array([v is not None for v in values], dtype=bool)
+    if dim and has.any():
+        out[has] = np.frombuffer(b"".join(v for v in values if v is not None), dtype=np.float32).reshape(-1, dim)
+    return out, has
+
+
+def _from_routed(pdf: pd.DataFrame, dt: int, di: int) -> fusion.Products:
+    text, has_text = _unpack(pdf["text_vec"].tolist(), dt)
+    image, has_image = _unpack(pdf["image_vec"].tolist(), di)
+    return fusion.Products(pdf["product_id"].to_numpy(dtype=object), text, has_text, image, has_image,
+                           pdf["brand"].to_numpy(dtype=np.int64), pdf["category"].to_numpy(dtype=np.int64),
+                           pdf["log_price"].to_numpy(dtype=np.float64, na_value=np.nan))
 
 
 def find_neighbours(products: DataFrame, settings: JoinSettings) -> DataFrame:
@@ -75,8 +93,7 @@ def find_neighbours(products: DataFrame, settings: JoinSettings) -> DataFrame:
                                            else F.lit(-1).cast("long"))
     products = products.select("product_id", "text_embedding", "image_embedding", "brand", "category", "log_price")
     weights = settings.weights.model_dump()
-    dt, di = _dims(products)
-    n_total = products.count()
+    dt, di, n_total = _dims(products)
     if n_total == 0:
         return spark.createDataFrame([], T.StructType([T.StructField("product_id", T.StringType()),
                                                         T.StructField("neighbours", T.ArrayType(NEIGHBOUR))]))
@@ -92,17 +109,27 @@ def find_neighbours(products: DataFrame, settings: JoinSettings) -> DataFrame:
              n_total, len(centroids), settings.block_size, settings.max_block_size, settings.nprobe)
     nprobe, hard = settings.nprobe, settings.category_mode == "hard"
 
-    # 2. route: each product once as member of its home cell, and as query to its nprobe cells
-    routed_schema = T.StructType([T.StructField("cell", T.LongType()), T.StructField("role", T.ByteType()),
-                                  *products.schema.fields])
+    # 2. route: each product once as member of its home cell, and as query to its nprobe cells.
+    # Vectors travel as raw float32 bytes: Arrow moves a binary value in one copy, where an
+    # array<float> costs a conversion per element on both sides.
+    routed_schema = T.StructType([
+        T.StructField("cell", T.LongType()), T.StructField("role", T.ByteType()),
+        T.StructField("product_id", T.StringType()), T.StructField("text_vec", T.BinaryType()),
+        T.StructField("image_vec", T.BinaryType()), T.StructField("brand", T.LongType()),
+        T.StructField("category", T.LongType()), T.StructField("log_price", T.DoubleType())])
 
     def route(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
             p = _to_products(pdf, dt, di)
             cells = fusion.nearest_cells(fusion.fused_dense(p.text, p.has_text, p.image, p.has_image, weights),
                                          centroids, nprobe)
-            member = pdf.assign(cell=cells[:, 0].astype(np.int64), role=np.int8(0))
-            queries = pdf.loc[pdf.index.repeat(cells.shape[1])].assign(
+            flat = pd.DataFrame({
+                "product_id": pdf["product_id"].to_numpy(),
+                "text_vec": [v.tobytes() if h else None for v, h in zip(p.text, p.has_text)],
+                "image_vec": [v.tobytes() if h else None for v, h in zip(p.image, p.has_image)],
+                "brand": p.brand, "category": p.category, "log_price": p.log_price})
+            member = flat.assign(cell=cells[:, 0].astype(np.int64), role=np.int8(0))
+            queries = flat.loc[flat.index.repeat(cells.shape[1])].assign(
                 cell=cells.reshape(-1).astype(np.int64), role=np.int8(1))
             yield pd.concat([member, queries], ignore_index=True)[routed_schema.fieldNames()]
 
@@ -111,31 +138,33 @@ def find_neighbours(products: DataFrame, settings: JoinSettings) -> DataFrame:
 
     # 3. exact fused scores inside each cell
     def score_cell(pdf: pd.DataFrame) -> pd.DataFrame:
-        members = _to_products(pdf[pdf["role"] == 0], dt, di)
-        queries = _to_products(pdf[pdf["role"] == 1], dt, di)
-        rows = []
+        members = _from_routed(pdf[pdf["role"] == 0], dt, di)
+        queries = _from_routed(pdf[pdf["role"] == 1], dt, di)
+        frames = []
         if len(members) and len(queries):
             for start in range(0, len(queries), 1024):  # bounded memory: 1024 x block_size at a time
                 q = queries.take(slice(start, start + 1024))
                 score, parts = fusion.pair_scores(q, members, weights, scale)
-                for qi, idx in enumerate(fusion.top_k(score, q.ids, members.ids, k)):
-                    for j in idx:
-                        rows.append((q.ids[qi], members.ids[j], float(score[qi, j]),
-                                     *[float(parts[c][qi, j]) if c in parts else 0.0 for c in fusion.COMPONENTS]))
-        return pd.DataFrame(rows, columns=CANDIDATES_SCHEMA.fieldNames())
+                r, c = fusion.top_k(score, q.ids, members.ids, k)
+                frames.append(pd.DataFrame({
+                    "query_id": q.ids[r], "product_id": members.ids[c], "score": score[r, c],
+                    **{name: parts[name][r, c] if name in parts else np.zeros(len(r), np.float32)
+                       for name in fusion.COMPONENTS}}))
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+            {f: pd.Series(dtype=object if f in ("query_id", "product_id") else np.float32)
+             for f in CANDIDATES_SCHEMA.fieldNames()})
 
     keys = ["cell", "category"] if hard else ["cell"]
     candidates = routed.groupBy(*keys).applyInPandas(score_cell, CANDIDATES_SCHEMA)
 
-    # 4. merge each product's candidate lists: best K, score descending, ties by product id
-    def order(a, b):
-        return (F.when(a["score"] > b["score"], -1).when(a["score"] < b["score"], 1)
-                .when(a["product_id"] < b["product_id"], -1).when(a["product_id"] > b["product_id"], 1).otherwise(0))
-
-    fields = ["product_id", "score", *fusion.COMPONENTS]
+    # 4. merge each product's candidate lists: best K, score descending, ties by product id.
+    # sort_array orders structs field by field, so (-score, product_id) first gives that order.
     merged = (candidates.groupBy("query_id")
-              .agg(F.collect_list(F.struct(*[F.col(f).alias(f) for f in fields])).alias("c"))
-              .select(F.col("query_id").alias("product_id"), F.slice(F.array_sort("c", order), 1, k).alias("neighbours")))
+              .agg(F.sort_array(F.collect_list(F.struct((-F.col("score")).alias("neg"), "product_id",
+                                                        "score", *fusion.COMPONENTS))).alias("c"))
+              .select(F.col("query_id").alias("product_id"),
+                      F.transform(F.slice("c", 1, k), lambda x: F.struct(
+                          *[x[f].alias(f) for f in NEIGHBOUR.fieldNames()])).alias("neighbours")))
     # products that found no candidate still get a row
     return (products.select("product_id").join(merged, "product_id", "left")
             .select("product_id", F.coalesce("neighbours", F.array().cast(T.ArrayType(NEIGHBOUR))).alias("neighbours")))

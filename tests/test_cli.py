@@ -62,3 +62,22 @@ def test_run_on_sample_catalog_keeps_every_row(spark, tmp_path, capsys):
     assert by_id["X902"]["price"] == 1299.0
     assert by_id["X901"]["price"] is None and by_id["X901"]["reason"] == "unparsable_price"
     assert Path(by_id["G000"]["image_uri"]).is_file()  # relative image paths resolved
+    # neighbours: one row per input row; rejected rows have an empty list and their reason
+    neighbours = io.read_delta(spark, str(out / "neighbours"))
+    rows = neighbours.collect()
+    assert len(rows) == n_input and sorted(r["source_row"] for r in rows) == list(range(n_input))
+    for r in rows:
+        if r["status"] == "rejected":
+            assert r["neighbours"] == [] and r["reason"]
+            continue
+        nbs = r["neighbours"]
+        assert 0 < len(nbs) <= 10 and all(nb["product_id"] != r["product_id"] for nb in nbs)
+        assert [nb["score"] for nb in nbs] == sorted((nb["score"] for nb in nbs), reverse=True)
+        for nb in nbs:  # the component scores add up to the score
+            parts = nb["text"] + nb["image"] + nb["brand"] + nb["category"] + nb["price"]
+            assert parts == pytest.approx(nb["score"], abs=1e-5)
+    assert "sample neighbours" in printed
+    # X900's image is a truncated JPEG: no image vector, but text neighbours and the reason kept
+    emb = {r["product_id"]: r for r in io.read_delta(spark, str(out / "embeddings")).collect()}
+    assert emb["X900"]["image_embedding"] is None and emb["X900"]["image_error"].startswith("image_unreadable")
+    assert emb["X903"]["image_error"].startswith("image_missing")

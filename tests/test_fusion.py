@@ -1,0 +1,94 @@
+"""Pure parts of the join: fused scores, renormalisation, top-K ties, IVF cells under skew."""
+import numpy as np
+
+from prodsim_spark import fusion
+
+W = {"text": 1.0, "image": 1.0, "brand": 0.5, "category": 0.0, "price": 0.0}
+
+
+def products(ids, text=None, image=None, brand=None, category=None, price=None):
+    n = len(ids)
+    t, ht = fusion.stack_vectors(text or [None] * n, 2)
+    i, hi = fusion.stack_vectors(image or [None] * n, 2)
+    return fusion.Products(np.array(ids, dtype=object), t, ht, i, hi,
+                           np.array(brand or [-1] * n, dtype=np.int64), np.array(category or [-1] * n, dtype=np.int64),
+                           np.log(np.array([np.nan if p is None else p for p in (price or [None] * n)], dtype=float)))
+
+
+def test_scores_known_by_hand():
+    p = products(["a", "b", "c"], text=[[1, 0], [1, 0], [0, 1]], image=[[1, 0], [0, 1], None], brand=[7, 7, -1])
+    score, parts = fusion.pair_scores(p, p, W, 0.5)
+    # a-b: text 1, image 0, brand 1 -> (1*1 + 1*0 + 0.5*1) / 2.5
+    assert np.isclose(score[0, 1], 1.5 / 2.5)
+    # a-c: c has no image and no brand: only text counts, renormalised -> cos = 0
+    assert np.isclose(score[0, 2], 0.0) and np.isclose(parts["text"][0, 2], 0.0)
+    # contributions add up to the score
+    total = sum(parts.values())
+    assert np.allclose(total, score)
+
+
+def test_missing_modality_renormalises_to_the_shared_ones():
+    full = products(["x", "y"], text=[[1, 0], [0.6, 0.8]], image=[[1, 0], [1, 0]])
+    text_only = products(["z"], text=[[0.6, 0.8]])
+    s_full, _ = fusion.pair_scores(full, full, {"text": 1, "image": 1}, 0.5)
+    s_part, parts = fusion.pair_scores(full.take([0]), text_only, {"text": 1, "image": 1}, 0.5)
+    assert np.isclose(s_full[0, 1], (0.6 + 1.0) / 2)
+    assert np.isclose(s_part[0, 0], 0.6)  # the text cosine alone, on the same 0..1 scale
+    assert parts["image"][0, 0] == 0
+
+
+def test_price_term():
+    p = products(["a", "b"], text=[[1, 0], [1, 0]], price=[10.0, 20.0])
+    score, parts = fusion.pair_scores(p, p, {"text": 1, "price": 1}, 0.5)
+    assert np.isclose(parts["price"][0, 1], np.exp(-np.log(2) / 0.5) / 2, atol=1e-6)
+
+
+def test_top_k_excludes_self_and_breaks_ties_by_id():
+    ids = np.array(["q", "d", "b", "c", "a"], dtype=object)
+    score = np.array([[0.9, 0.5, 0.5, 0.5, 0.1]], dtype=np.float32)
+    _, idx = fusion.top_k(score, np.array(["q"], dtype=object), ids, 2)
+    assert list(ids[idx]) == ["b", "c"]  # q itself skipped; the 0.5 ties in id order
+    _, all_ = fusion.top_k(score, np.array(["q"], dtype=object), ids, 50)  # K larger than the block
+    assert list(ids[all_]) == ["b", "c", "d", "a"]
+    # the same answer whatever the member order
+    perm = np.array([4, 2, 0, 3, 1])
+    _, idx2 = fusion.top_k(score[:, perm], np.array(["q"], dtype=object), ids[perm], 2)
+    assert list(ids[perm][idx2]) == ["b", "c"]
+
+
+def test_top_k_many_rows_vectorised():
+    rng = np.random.default_rng(1)
+    score = rng.random((50, 30)).astype(np.float32)
+    ids = np.array([f"m{i:02d}" for i in range(30)], dtype=object)
+    rows, cols = fusion.top_k(score, np.array([f"q{i}" for i in range(50)], dtype=object), ids, 5)
+    for r in range(50):
+        assert list(cols[rows == r]) == list(np.argsort(-score[r])[:5])
+
+
+def test_nan_scores_are_not_neighbours():
+    score = np.array([[np.nan, 0.2]], dtype=np.float32)
+    _, idx = fusion.top_k(score, np.array(["q"], dtype=object), np.array(["a", "b"], dtype=object), 5)
+    assert list(idx) == [1]
+
+
+def clustered(n, d, clusters, rng, weights=None):
+    centres = rng.normal(size=(clusters, d))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    which = rng.choice(clusters, size=n, p=weights)
+    x = centres[which] + rng.normal(scale=0.6 / np.sqrt(d), size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_skewed_sample_gets_no_giant_cell():
+    rng = np.random.default_rng(0)
+    weights = np.array([0.5] + [0.5 / 49] * 49)
+    x = clustered(20000, 16, 50, rng, weights)  # one cluster holds half the products
+    centroids = fusion.train_cells(x[:5000], len(x), block_size=400, max_block_size=1200, iterations=8, seed=1)
+    sizes = np.bincount(fusion.nearest_cells(x, centroids, 1)[:, 0], minlength=len(centroids))
+    assert sizes.max() <= 2 * 1200  # predicted from a sample: allow sampling noise, but no 10,000 block
+
+
+def test_nearest_cells_sorted():
+    c = np.eye(3, dtype=np.float32)
+    x = np.array([[0.1, 0.9, 0.3]], dtype=np.float32)
+    assert list(fusion.nearest_cells(x, c, 2)[0]) == [1, 2]

@@ -1,0 +1,73 @@
+"""The join stage on real Spark: near-exact top-K, skew, hard category constraint, known answers."""
+import numpy as np
+import pytest
+
+from prodsim_spark import bench, join
+from prodsim_spark.config import load_config
+
+TEXT_ONLY = ["join.weights.image=0", "join.weights.brand=0", "join.weights.category=0", "join.weights.price=0"]
+
+
+def frame(spark, ids, vectors, category=None):
+    rows = [(i, [float(x) for x in v], -1 if category is None else int(category[n]), None)
+            for n, (i, v) in enumerate(zip(ids, vectors))]
+    return spark.createDataFrame(rows, "product_id string, text_embedding array<float>, category long, log_price double")
+
+
+def neighbour_ids(df):
+    return {r["product_id"]: [n["product_id"] for n in r["neighbours"]] for r in df.collect()}
+
+
+def recall_against_exact(found, x, ids, k):
+    exact = bench.exact_top_k(x, np.arange(len(x)), k)
+    return np.mean([len(set(ids[exact[i]]) & set(found[ids[i]])) / k for i in range(len(x))])
+
+
+def test_known_answer_and_k_larger_than_catalog(spark):
+    ids = ["a", "b", "c", "d"]
+    vecs = [[1, 0], [0.8, 0.6], [0, 1], [-1, 0]]
+    config = load_config(overrides=TEXT_ONLY + ["join.k=10"])
+    got = join.find_neighbours(frame(spark, ids, vecs), config.join).collect()
+    by_id = {r["product_id"]: r["neighbours"] for r in got}
+    assert [n["product_id"] for n in by_id["a"]] == ["b", "c", "d"]  # self excluded, all others, best first
+    assert by_id["a"][0]["score"] == pytest.approx(0.8, abs=1e-6)
+    assert by_id["a"][0]["text"] == pytest.approx(0.8, abs=1e-6)
+    assert by_id["a"][2]["score"] == pytest.approx(-1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("skewed", [False, True])
+def test_recall_close_to_exact_without_all_pairs(spark, skewed):
+    rng = np.random.default_rng(5)
+    n, d, clusters = 4000, 32, 60
+    centres = rng.normal(size=(clusters, d))
+    p = np.full(clusters, 0.5 / (clusters - 1))
+    p[0] = 0.5 if skewed else p[0]
+    p = p / p.sum()
+    x = centres[rng.choice(clusters, size=n, p=p)] + rng.normal(scale=0.35, size=(n, d))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    ids = np.array([f"p{i:05d}" for i in range(n)], dtype=object)
+    config = load_config(overrides=TEXT_ONLY + ["join.block_size=250", "join.max_block_size=600", "join.nprobe=6"])
+    found = neighbour_ids(join.find_neighbours(frame(spark, ids, x), config.join))
+    assert len(found) == n and all(len(v) == 10 for v in found.values())
+    assert recall_against_exact(found, x, ids, 10) >= 0.95
+
+
+def test_hard_category_constraint(spark):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(200, 8)).astype(np.float32)
+    ids = np.array([f"p{i:03d}" for i in range(200)], dtype=object)
+    category = np.arange(200) % 3
+    config = load_config(overrides=TEXT_ONLY + ["join.category_mode=hard", "join.k=5"])
+    found = neighbour_ids(join.find_neighbours(frame(spark, ids, x, category), config.join))
+    cat = dict(zip(ids, category))
+    assert all(cat[n] == cat[q] for q, ns in found.items() for n in ns)
+    assert all(len(ns) == 5 for ns in found.values())
+
+
+def test_ties_are_deterministic(spark):
+    ids = ["q", "d", "b", "c", "a"]
+    vecs = [[1, 0], [0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [0, 1]]
+    config = load_config(overrides=TEXT_ONLY + ["join.k=2"])
+    first = neighbour_ids(join.find_neighbours(frame(spark, ids, vecs), config.join))
+    again = neighbour_ids(join.find_neighbours(frame(spark, ids[::-1], vecs[::-1]).repartition(3), config.join))
+    assert first["q"] == again["q"] == ["b", "c"]
