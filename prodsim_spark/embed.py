@@ -88,6 +88,11 @@ def _note_batch(key: str) -> None:
     STATS.count(STATS.batches, key)
 
 
+def _non_empty(values: pd.Series) -> list[int]:
+    """Positions of the rows that hold a non-empty string (the rest get a null vector)."""
+    return [i for i, v in enumerate(values) if isinstance(v, str) and v]
+
+
 def text_embedding_udf(settings: EmbedSettings, threads: int | None):
     settings_json, device, batch = settings.text.model_dump_json(), settings.device, settings.batch_size
 
@@ -98,7 +103,7 @@ def text_embedding_udf(settings: EmbedSettings, threads: int | None):
         for texts in batches:
             _note_batch(key)
             out: list = [None] * len(texts)
-            present = [i for i, t in enumerate(texts) if isinstance(t, str) and t]
+            present = _non_empty(texts)
             vectors = encoder.encode([texts.iloc[i] for i in present], batch_size=batch)
             for i, vec in zip(present, vectors):
                 out[i] = vec
@@ -118,7 +123,7 @@ def image_embedding_udf(settings: EmbedSettings, threads: int | None):
         for uris in batches:
             _note_batch(key)
             vectors, errors = [None] * len(uris), [None] * len(uris)
-            present = [i for i, u in enumerate(uris) if isinstance(u, str) and u]
+            present = _non_empty(uris)
             got, errs = encoder.encode_uris([uris.iloc[i] for i in present], batch, decode_threads)
             for i, vec, err in zip(present, got, errs):
                 vectors[i], errors[i] = vec, err
@@ -253,7 +258,3 @@ def merge_embeddings(spark, path: str, updates: DataFrame, on_removed: str) -> N
         merge = merge.whenNotMatchedBySourceUpdate(condition="t.removed_at IS NULL",
                                                    set={"removed_at": "current_timestamp()"})
     merge.execute()
-
-
-def settings_fingerprint(settings: EmbedSettings) -> str:
-    return json.dumps(settings.model_dump(mode="json"), sort_keys=True)

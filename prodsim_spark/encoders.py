@@ -321,8 +321,6 @@ class ImageEncoder:
 
 def _load_weights_headless(model, path: str) -> None:
     """Load classifier weights into a timm model built with num_classes=0 (the head is not needed)."""
-    import timm  # noqa: F401  (model is a timm model)
-
     state = _load_state_dict(path)
     own = model.state_dict()
     if len(state) == len(own) + 2:  # drop the classifier's weight and bias (the last two tensors)
