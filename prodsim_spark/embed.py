@@ -212,14 +212,16 @@ def plan_embeddings(catalog: DataFrame, existing: DataFrame | None, settings: Em
 def encode(plan: EmbedPlan, settings: EmbedSettings, threads: int | None) -> DataFrame:
     """The new state of every current product's row: fresh vectors where needed, old ones reused."""
     rows = plan.rows
+    # a small catalog is often one file, so one partition: spread the work over every core
+    spread = rows.sparkSession.sparkContext.defaultParallelism
     if plan.text_encoder:
-        text = (rows.where("need_text AND text IS NOT NULL")
+        text = (rows.where("need_text AND text IS NOT NULL").repartition(spread)
                 .select("product_id", text_embedding_udf(settings, threads)("text").alias("new_text_embedding")))
         rows = rows.join(text, "product_id", "left")
     else:
         rows = rows.withColumn("new_text_embedding", F.lit(None).cast(VECTOR))
     if plan.image_encoder:
-        image = (rows.where("need_image AND image_uri IS NOT NULL")
+        image = (rows.where("need_image AND image_uri IS NOT NULL").repartition(spread)
                  .select("product_id", image_embedding_udf(settings, threads)("image_uri").alias("img")))
         rows = rows.join(image, "product_id", "left")
     else:

@@ -4,13 +4,13 @@ Fused score of a pair (q, m)::
 
     score = sum_c w_c * a_c(q, m) * sim_c(q, m) / sum_c w_c * a_c(q, m)
 
-over the components c = text, image (cosine of L2-normalised embeddings), brand, category (1 if
+over the components c = text, image, lexical (cosine of L2-normalised vectors), brand, category (1 if
 equal, else 0) and price (exp(-|log p_q - log p_m| / price_scale)), where a_c is 1 when both
 products have component c. Renormalising over the components both products have keeps scores of
 text-only, image-only and full products on one scale. Each component's *contribution*
 ``w_c * a_c * sim_c / sum w a`` is reported; the contributions add up to the score.
 
-For blocking, the dense modalities are folded into one vector ``[sqrt(w_t) t, sqrt(w_i) i]``
+For blocking, the dense modalities are folded into one vector ``[sqrt(w_t) t, sqrt(w_i) i, sqrt(w_l) l]``
 (unit-normalised): for two products with the same modalities its dot product is exactly their
 dense fused score, so the IVF cells and probes rank candidates by the real score; the structured
 terms and the renormalisation are then applied exactly to every candidate pair.
@@ -21,27 +21,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
-COMPONENTS = ("text", "image", "brand", "category", "price")
+DENSE = ("text", "image", "lexical")  # vector modalities: cosine similarity
+COMPONENTS = DENSE + ("brand", "category", "price")
 
 
 @dataclass
 class Products:
-    """One block of products as arrays; missing values: zero rows + has_* False, code -1, NaN price."""
+    """One block of products as arrays; missing values: zero rows + has False, code -1, NaN price."""
 
-    ids: np.ndarray          # (n,) object (product_id strings)
-    text: np.ndarray         # (n, dt) float32, unit rows or zeros
-    has_text: np.ndarray     # (n,) bool
-    image: np.ndarray        # (n, di) float32
-    has_image: np.ndarray
-    brand: np.ndarray        # (n,) int64 code, -1 missing
-    category: np.ndarray     # (n,) int64 code, -1 missing
-    log_price: np.ndarray    # (n,) float64, NaN missing
+    ids: np.ndarray                  # (n,) object (product_id strings)
+    vectors: dict[str, np.ndarray]   # modality -> (n, d) float32, unit rows or zeros; absent: not used
+    has: dict[str, np.ndarray]       # modality -> (n,) bool
+    brand: np.ndarray                # (n,) int64 code, -1 missing
+    category: np.ndarray             # (n,) int64 code, -1 missing
+    log_price: np.ndarray            # (n,) float64, NaN missing
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def take(self, idx) -> "Products":
-        return Products(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+        return Products(self.ids[idx], {k: v[idx] for k, v in self.vectors.items()},
+                        {k: v[idx] for k, v in self.has.items()}, self.brand[idx], self.category[idx],
+                        self.log_price[idx])
 
 
 def stack_vectors(values, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,10 +51,10 @@ def stack_vectors(values, dim: int) -> tuple[np.ndarray, np.ndarray]:
     n = len(values)
     out = np.zeros((n, dim), dtype=np.float32)
     has = np.zeros(n, dtype=bool)
-    for i, v in enumerate(values):
-        if v is not None and len(v) == dim:
-            out[i] = v
-            has[i] = True
+    if dim:
+        has[:] = [v is not None and len(v) == dim for v in values]
+        if has.any():  # one C-level stack, not a Python loop of row copies
+            out[has] = np.stack([values[i] for i in np.flatnonzero(has)])
     norms = np.linalg.norm(out, axis=1)
     has &= norms > 0
     out[has] /= norms[has, None]
@@ -63,12 +64,10 @@ def stack_vectors(values, dim: int) -> tuple[np.ndarray, np.ndarray]:
 def pair_scores(q: Products, m: Products, weights: dict[str, float], price_scale: float):
     """(score, contributions) for every pair: (|q|, |m|) matrices; score is NaN where no component is shared."""
     sims, avail = {}, {}
-    if weights.get("text", 0) > 0 and q.text.shape[1]:
-        sims["text"] = q.text @ m.text.T
-        avail["text"] = np.outer(q.has_text, m.has_text)
-    if weights.get("image", 0) > 0 and q.image.shape[1]:
-        sims["image"] = q.image @ m.image.T
-        avail["image"] = np.outer(q.has_image, m.has_image)
+    for name in DENSE:
+        if weights.get(name, 0) > 0 and name in q.vectors and q.vectors[name].shape[1]:
+            sims[name] = q.vectors[name] @ m.vectors[name].T
+            avail[name] = np.outer(q.has[name], m.has[name])
     for name in ("brand", "category"):
         if weights.get(name, 0) > 0:
             a, b = getattr(q, name), getattr(m, name)
@@ -115,27 +114,25 @@ def top_k(score: np.ndarray, q_ids: np.ndarray, m_ids: np.ndarray, k: int) -> tu
     order = np.lexsort((member_rank[part], -vals), axis=1)
     part = np.take_along_axis(part, order, axis=1)
     vals = np.take_along_axis(vals, order, axis=1)
-    rows_out, cols_out = [], []
-    for r in range(n_q):
-        if tied[r]:  # exact path: every candidate at or above the k-th value, sorted by (score, id)
-            idx = np.flatnonzero(s[r] >= kth[r])
-            idx = idx[np.lexsort((member_rank[idx], -s[r, idx]))][:kk]
-        else:
-            idx = part[r][np.isfinite(vals[r])]
+    keep = ~tied[:, None] & np.isfinite(vals)  # untied rows: the partition is the answer
+    rows_out = [np.nonzero(keep)[0]]
+    cols_out = [part[keep]]
+    for r in np.flatnonzero(tied):  # exact path: every candidate at or above the k-th value, by (score, id)
+        idx = np.flatnonzero(s[r] >= kth[r])
+        idx = idx[np.lexsort((member_rank[idx], -s[r, idx]))][:kk]
         rows_out.append(np.full(len(idx), r))
         cols_out.append(idx)
-    return np.concatenate(rows_out), np.concatenate(cols_out)
+    rows, cols = np.concatenate(rows_out), np.concatenate(cols_out)
+    order = np.argsort(rows, kind="stable")  # group by row, keeping each row's best-first order
+    return rows[order], cols[order]
 
 
-def fused_dense(text: np.ndarray, has_text: np.ndarray, image: np.ndarray, has_image: np.ndarray,
-                weights: dict[str, float]) -> np.ndarray:
-    """The blocking vector [sqrt(w_t) t, sqrt(w_i) i], unit-normalised (zero for products with neither)."""
-    parts = []
-    if text.shape[1] and weights.get("text", 0) > 0:
-        parts.append(np.sqrt(weights["text"]) * text * has_text[:, None])
-    if image.shape[1] and weights.get("image", 0) > 0:
-        parts.append(np.sqrt(weights["image"]) * image * has_image[:, None])
-    v = np.concatenate(parts, axis=1).astype(np.float32) if parts else np.zeros((len(text), 1), np.float32)
+def fused_dense(p: Products, weights: dict[str, float]) -> np.ndarray:
+    """The blocking vector [sqrt(w_t) t, sqrt(w_i) i, sqrt(w_l) l], unit-normalised (zero for products
+    with none of them)."""
+    parts = [np.sqrt(weights[name]) * p.vectors[name] * p.has[name][:, None]
+             for name in DENSE if weights.get(name, 0) > 0 and name in p.vectors and p.vectors[name].shape[1]]
+    v = np.concatenate(parts, axis=1).astype(np.float32) if parts else np.zeros((len(p), 1), np.float32)
     norms = np.linalg.norm(v, axis=1, keepdims=True)
     return np.divide(v, norms, out=np.zeros_like(v), where=norms > 0)
 
@@ -158,13 +155,26 @@ def kmeans(x: np.ndarray, k: int, iterations: int, seed: int) -> np.ndarray:
         centroids[j] = x[rng.choice(n, p=p)]
         closest = np.minimum(closest, 1 - x @ centroids[j])
     for _ in range(iterations):
-        assign = np.argmax(x @ centroids.T, axis=1)
-        sums = np.zeros_like(centroids)
-        np.add.at(sums, assign, x)
-        norms = np.linalg.norm(sums, axis=1, keepdims=True)
-        empty = norms[:, 0] == 0
-        centroids = np.where(empty[:, None], centroids, sums / np.where(norms == 0, 1, norms))
+        centroids = update_centroids(centroids, cell_sums(x, centroids))
     return centroids.astype(np.float32)
+
+
+def cell_sums(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """(k, d) float64 sums of the rows of x by nearest centroid: one Lloyd step's statistics, which
+    add up across partitions (so Spark tasks can compute them on their share of the data)."""
+    sums = np.zeros(centroids.shape, dtype=np.float64)
+    if len(x):
+        assign = np.argmax(x @ centroids.T, axis=1)
+        order = np.argsort(assign, kind="stable")  # per-cell sums by reduceat: np.add.at is ~50x slower
+        present, starts = np.unique(assign[order], return_index=True)
+        sums[present] = np.add.reduceat(x[order].astype(np.float64), starts, axis=0)
+    return sums
+
+
+def update_centroids(centroids: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """Spherical k-means update: each centroid becomes its members' normalised mean (empty cells stay)."""
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return np.where(norms > 0, sums / np.where(norms == 0, 1, norms), centroids).astype(np.float32)
 
 
 def train_cells(sample: np.ndarray, n_total: int, block_size: int, max_block_size: int,

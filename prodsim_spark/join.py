@@ -3,20 +3,24 @@
 Plan (IVF blocking, see :mod:`prodsim_spark.fusion` for the maths):
 
 1. centroids: spherical k-means on a sample of the fused dense vectors, on the driver; cells that
-   would hold more than ``join.max_block_size`` products are split again (skew guard);
-2. every product is stored in its nearest cell (member) and probes its ``join.nprobe`` nearest cells
-   (query); with ``join.category_mode=hard`` a cell is also keyed by category, so only products of one
-   category meet;
-3. per cell, exact fused scores of queries x members by matrix multiply (``applyInPandas``),
-   best K per query kept;
-4. per product, the candidate lists of its probed cells merged to the top K (score descending,
-   ties by product id).
+   would hold more than ``join.max_block_size`` products are split again (skew guard); then
+   ``join.refine_passes`` Lloyd passes over all products on the executors;
+2. every product is stored in its ``join.spill`` nearest cells, and searched from the nearest (its
+   home) only; with ``join.category_mode=hard`` a cell is also keyed by category, so only products
+   of one category meet;
+3. per cell, exact fused scores of its home products x all products stored in it, by matrix multiply
+   (``applyInPandas``); each product's best K (score descending, ties by product id) is final there.
 
-Recall against exact top-K grows with nprobe; time grows with nprobe x block_size per product.
+A neighbour is found when it was spilled into the product's home cell. Spilling members rather than
+probing with queries (as IVF does) gives about the same recall for the same work, and each product's
+list is complete in one task, so there is no second shuffle to merge candidate lists and no product
+can go missing. Recall against exact top-K grows with spill; time grows with spill x block_size per
+product.
 """
 from __future__ import annotations
 
 import logging
+import time
 from typing import Iterator
 
 import numpy as np
@@ -33,7 +37,6 @@ log = logging.getLogger(__name__)
 NEIGHBOUR = T.StructType([
     T.StructField("product_id", T.StringType()), T.StructField("score", T.FloatType()),
     *[T.StructField(c, T.FloatType()) for c in fusion.COMPONENTS]])
-CANDIDATES_SCHEMA = T.StructType([T.StructField("query_id", T.StringType()), *NEIGHBOUR.fields])
 
 
 def _code(col: Column) -> Column:
@@ -42,28 +45,39 @@ def _code(col: Column) -> Column:
     return F.when(clean.isNull() | (clean == ""), F.lit(-1).cast("long")).otherwise(F.abs(F.xxhash64(clean)))
 
 
-def join_inputs(catalog: DataFrame, embeddings: DataFrame) -> DataFrame:
-    """Products that can be joined: not rejected, with their embeddings and structured attributes."""
+def join_inputs(catalog: DataFrame, embeddings: DataFrame, lexical: DataFrame | None = None) -> DataFrame:
+    """Products that can be joined: not rejected, with their embeddings (and lexical vectors, when
+    given) and structured attributes."""
     live = embeddings.where("removed_at IS NULL").select("product_id", "text_embedding", "image_embedding")
-    return (catalog.where("status != 'rejected'")
-            .select("product_id", _code(F.col("brand")).alias("brand"), _code(F.col("category")).alias("category"),
-                    F.when(F.col("price") > 0, F.log("price")).alias("log_price"))
-            .join(live, "product_id", "inner"))
+    products = (catalog.where("status != 'rejected'")
+                .select("product_id", _code(F.col("brand")).alias("brand"), _code(F.col("category")).alias("category"),
+                        F.when(F.col("price") > 0, F.log("price")).alias("log_price"))
+                .join(live, "product_id", "inner"))
+    return products if lexical is None else products.join(lexical, "product_id", "left")
 
 
-def _dims(products: DataFrame) -> tuple[int, int, int]:
-    """Text and image dimensions and the product count, in one pass."""
-    row = products.select(F.max(F.size("text_embedding")).alias("t"), F.max(F.size("image_embedding")).alias("i"),
+def _vector_col(name: str) -> str:
+    return f"{name}_embedding"
+
+
+def _dims(products: DataFrame) -> tuple[dict[str, int], int]:
+    """Each vector modality's dimension (0: absent) and the product count, in one pass."""
+    present = [m for m in fusion.DENSE if _vector_col(m) in products.columns]
+    row = products.select(*[F.max(F.size(_vector_col(m))).alias(m) for m in present],
                           F.count("*").alias("n")).first()
-    return max(int(row["t"] or 0), 0), max(int(row["i"] or 0), 0), int(row["n"])
+    return {m: max(int(row[m] or 0), 0) if m in present else 0 for m in fusion.DENSE}, int(row["n"])
 
 
-def _to_products(pdf: pd.DataFrame, dt: int, di: int) -> fusion.Products:
-    text, has_text = fusion.stack_vectors(pdf["text_embedding"].tolist(), dt)
-    image, has_image = fusion.stack_vectors(pdf["image_embedding"].tolist(), di)
-    log_price = pdf["log_price"].to_numpy(dtype=np.float64, na_value=np.nan)
-    return fusion.Products(pdf["product_id"].to_numpy(dtype=object), text, has_text, image, has_image,
-                           pdf["brand"].to_numpy(dtype=np.int64), pdf["category"].to_numpy(dtype=np.int64), log_price)
+def _products(pdf: pd.DataFrame, vectors: dict[str, tuple[np.ndarray, np.ndarray]]) -> fusion.Products:
+    return fusion.Products(pdf["product_id"].to_numpy(dtype=object), {m: v[0] for m, v in vectors.items()},
+                           {m: v[1] for m, v in vectors.items()},
+                           pdf["brand"].to_numpy(dtype=np.int64), pdf["category"].to_numpy(dtype=np.int64),
+                           pdf["log_price"].to_numpy(dtype=np.float64, na_value=np.nan))
+
+
+def _from_arrays(pdf: pd.DataFrame, dims: dict[str, int]) -> fusion.Products:
+    """Products from the input columns (vectors as arrays; normalised here)."""
+    return _products(pdf, {m: fusion.stack_vectors(pdf[_vector_col(m)].tolist(), d) for m, d in dims.items()})
 
 
 def _unpack(values, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,100 +88,124 @@ def _unpack(values, dim: int) -> tuple[np.ndarray, np.ndarray]:
     return out, has
 
 
-def _from_routed(pdf: pd.DataFrame, dt: int, di: int) -> fusion.Products:
-    text, has_text = _unpack(pdf["text_vec"].tolist(), dt)
-    image, has_image = _unpack(pdf["image_vec"].tolist(), di)
-    return fusion.Products(pdf["product_id"].to_numpy(dtype=object), text, has_text, image, has_image,
-                           pdf["brand"].to_numpy(dtype=np.int64), pdf["category"].to_numpy(dtype=np.int64),
-                           pdf["log_price"].to_numpy(dtype=np.float64, na_value=np.nan))
+def _from_routed(pdf: pd.DataFrame, dims: dict[str, int]) -> fusion.Products:
+    """Products from routed rows (vectors as float32 bytes, already normalised)."""
+    return _products(pdf, {m: _unpack(pdf[f"{m}_vec"].tolist(), d) for m, d in dims.items()})
+
+
+ROUTED_SCHEMA = T.StructType([
+    T.StructField("cell", T.LongType()), T.StructField("home", T.BooleanType()),
+    T.StructField("product_id", T.StringType()),
+    *[T.StructField(f"{m}_vec", T.BinaryType()) for m in fusion.DENSE],
+    T.StructField("brand", T.LongType()), T.StructField("category", T.LongType()),
+    T.StructField("log_price", T.DoubleType())])
+# per product: its neighbours as parallel arrays (assembled into structs on the JVM, which is cheaper
+# than building Python dicts per neighbour)
+LISTS_SCHEMA = T.StructType([T.StructField("product_id", T.StringType()),
+                             *[T.StructField(f"n_{f.name}", T.ArrayType(f.dataType)) for f in NEIGHBOUR.fields]])
+QUERY_CHUNK = 1024  # queries scored at a time: bounds memory to QUERY_CHUNK x members floats per matrix
+
+
+def score_cell(pdf: pd.DataFrame, dims: dict[str, int], weights: dict[str, float], price_scale: float,
+               k: int) -> pd.DataFrame:
+    """One cell: every product whose home it is, against every product stored in it; best k each."""
+    members = _from_routed(pdf, dims)
+    query_rows = np.flatnonzero(pdf["home"].to_numpy(dtype=bool))
+    out: dict[str, list] = {f: [] for f in LISTS_SCHEMA.fieldNames()}
+    for start in range(0, len(query_rows), QUERY_CHUNK):
+        q = members.take(query_rows[start:start + QUERY_CHUNK])
+        score, parts = fusion.pair_scores(q, members, weights, price_scale)
+        rows, cols = fusion.top_k(score, q.ids, members.ids, k)
+        bounds = np.searchsorted(rows, np.arange(len(q) + 1))
+        values = {"product_id": members.ids[cols], "score": score[rows, cols],
+                  **{c: parts[c][rows, cols] if c in parts else np.zeros(len(rows), np.float32)
+                     for c in fusion.COMPONENTS}}
+        out["product_id"].extend(q.ids)
+        for name, v in values.items():
+            pieces = np.split(v, bounds[1:-1])
+            # Arrow converts float arrays directly, but not object arrays of strings when one is empty
+            out[f"n_{name}"].extend([x.tolist() for x in pieces] if name == "product_id" else pieces)
+    return pd.DataFrame(out, columns=LISTS_SCHEMA.fieldNames())
+
+
+def _refine(products: DataFrame, centroids: np.ndarray, dims: dict[str, int], weights: dict[str, float],
+            passes: int) -> np.ndarray:
+    """Lloyd passes of spherical k-means over *all* products, on the executors. Centroids from a
+    sample alone are noisy when the catalog has many small groups (a few sampled products per group),
+    and noisy centroids split groups across cells; each pass costs one scan of the products."""
+    for done in range(passes):
+        def sums(batches: Iterator[pd.DataFrame], c=centroids) -> Iterator[pd.DataFrame]:
+            acc = np.zeros(c.shape, dtype=np.float64)
+            for pdf in batches:
+                acc += fusion.cell_sums(fusion.fused_dense(_from_arrays(pdf, dims), weights), c)
+            yield pd.DataFrame({"sums": [acc.tobytes()]})
+
+        parts = products.mapInPandas(sums, "sums binary").collect()
+        total = sum(np.frombuffer(r["sums"], dtype=np.float64).reshape(centroids.shape) for r in parts)
+        moved = centroids
+        centroids = fusion.update_centroids(centroids, total)
+        log.info("[join] refine pass %d/%d: mean centroid move %.4f", done + 1, passes,
+                 float(np.mean(1 - np.sum(moved * centroids, axis=1))))
+    return centroids
 
 
 def find_neighbours(products: DataFrame, settings: JoinSettings) -> DataFrame:
     """(product_id, neighbours: array<struct>) for every product in ``products`` (columns as
-    :func:`join_inputs` returns; text/image embeddings may be null or absent)."""
+    :func:`join_inputs` returns; vector columns may be null or absent). ``products`` is scanned
+    3 + ``refine_passes`` times: persist it first when it is expensive to compute."""
     spark = products.sparkSession
-    for col, typ in (("text_embedding", "array<float>"), ("image_embedding", "array<float>"),
-                     ("brand", "long"), ("category", "long"), ("log_price", "double")):
+    for m in fusion.DENSE:
+        if _vector_col(m) not in products.columns:
+            products = products.withColumn(_vector_col(m), F.lit(None).cast("array<float>"))
+    for col, typ in (("brand", "long"), ("category", "long"), ("log_price", "double")):
         if col not in products.columns:
-            products = products.withColumn(col, F.lit(None).cast(typ) if col not in ("brand", "category")
-                                           else F.lit(-1).cast("long"))
-    products = products.select("product_id", "text_embedding", "image_embedding", "brand", "category", "log_price")
+            products = products.withColumn(col, F.lit(None if col == "log_price" else -1).cast(typ))
+    products = products.select("product_id", *[_vector_col(m) for m in fusion.DENSE], "brand", "category",
+                               "log_price")
     weights = settings.weights.model_dump()
-    dt, di, n_total = _dims(products)
+    started = time.perf_counter()
+    dims, n_total = _dims(products)
     if n_total == 0:
         return spark.createDataFrame([], T.StructType([T.StructField("product_id", T.StringType()),
                                                         T.StructField("neighbours", T.ArrayType(NEIGHBOUR))]))
 
-    # 1. centroids from a sample, on the driver
+    # 1. centroids: k-means on a sample on the driver, then refined over all products
     fraction = min(1.0, settings.sample_size / n_total)
     sample = products.sample(fraction=fraction, seed=settings.seed).limit(settings.sample_size).toPandas()
-    sp = _to_products(sample, dt, di)
-    centroids = fusion.train_cells(fusion.fused_dense(sp.text, sp.has_text, sp.image, sp.has_image, weights),
+    centroids = fusion.train_cells(fusion.fused_dense(_from_arrays(sample, dims), weights),
                                    n_total, settings.block_size, settings.max_block_size,
                                    settings.kmeans_iterations, settings.seed)
-    log.info("[join] %d products, %d cells (block_size %d, max %d), nprobe %d",
-             n_total, len(centroids), settings.block_size, settings.max_block_size, settings.nprobe)
-    nprobe, hard = settings.nprobe, settings.category_mode == "hard"
+    # when the sample was every product, its k-means already saw all the data: nothing to refine
+    refine = settings.refine_passes if fraction < 1 and len(centroids) > 1 else 0
+    centroids = _refine(products, centroids, dims, weights, refine)
+    log.info("[join] %d products, %d cells (block_size %d, max %d), spill %d; planned in %.1f s",
+             n_total, len(centroids), settings.block_size, settings.max_block_size, settings.spill,
+             time.perf_counter() - started)
+    spill, hard, k, scale = settings.spill, settings.category_mode == "hard", settings.k, settings.price_scale
 
-    # 2. route: each product once as member of its home cell, and as query to its nprobe cells.
-    # Vectors travel as raw float32 bytes: Arrow moves a binary value in one copy, where an
+    # 2. route: each product to its `spill` nearest cells; the nearest is its home, where it is searched
+    # from. Vectors travel as raw float32 bytes: Arrow moves a binary value in one copy, where an
     # array<float> costs a conversion per element on both sides.
-    routed_schema = T.StructType([
-        T.StructField("cell", T.LongType()), T.StructField("role", T.ByteType()),
-        T.StructField("product_id", T.StringType()), T.StructField("text_vec", T.BinaryType()),
-        T.StructField("image_vec", T.BinaryType()), T.StructField("brand", T.LongType()),
-        T.StructField("category", T.LongType()), T.StructField("log_price", T.DoubleType())])
-
     def route(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
-            p = _to_products(pdf, dt, di)
-            cells = fusion.nearest_cells(fusion.fused_dense(p.text, p.has_text, p.image, p.has_image, weights),
-                                         centroids, nprobe)
+            p = _from_arrays(pdf, dims)
+            cells = fusion.nearest_cells(fusion.fused_dense(p, weights), centroids, spill)
             flat = pd.DataFrame({
                 "product_id": pdf["product_id"].to_numpy(),
-                "text_vec": [v.tobytes() if h else None for v, h in zip(p.text, p.has_text)],
-                "image_vec": [v.tobytes() if h else None for v, h in zip(p.image, p.has_image)],
+                **{f"{m}_vec": [v.tobytes() if h else None for v, h in zip(p.vectors[m], p.has[m])]
+                   for m in fusion.DENSE},
                 "brand": p.brand, "category": p.category, "log_price": p.log_price})
-            member = flat.assign(cell=cells[:, 0].astype(np.int64), role=np.int8(0))
-            queries = flat.loc[flat.index.repeat(cells.shape[1])].assign(
-                cell=cells.reshape(-1).astype(np.int64), role=np.int8(1))
-            yield pd.concat([member, queries], ignore_index=True)[routed_schema.fieldNames()]
+            copies = flat.loc[flat.index.repeat(cells.shape[1])].assign(
+                cell=cells.reshape(-1).astype(np.int64), home=np.tile(np.arange(cells.shape[1]) == 0, len(flat)))
+            yield copies[ROUTED_SCHEMA.fieldNames()]
 
-    routed = products.mapInPandas(route, routed_schema)
-    k, scale = settings.k, settings.price_scale
-
-    # 3. exact fused scores inside each cell
-    def score_cell(pdf: pd.DataFrame) -> pd.DataFrame:
-        members = _from_routed(pdf[pdf["role"] == 0], dt, di)
-        queries = _from_routed(pdf[pdf["role"] == 1], dt, di)
-        frames = []
-        if len(members) and len(queries):
-            for start in range(0, len(queries), 1024):  # bounded memory: 1024 x block_size at a time
-                q = queries.take(slice(start, start + 1024))
-                score, parts = fusion.pair_scores(q, members, weights, scale)
-                r, c = fusion.top_k(score, q.ids, members.ids, k)
-                frames.append(pd.DataFrame({
-                    "query_id": q.ids[r], "product_id": members.ids[c], "score": score[r, c],
-                    **{name: parts[name][r, c] if name in parts else np.zeros(len(r), np.float32)
-                       for name in fusion.COMPONENTS}}))
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-            {f: pd.Series(dtype=object if f in ("query_id", "product_id") else np.float32)
-             for f in CANDIDATES_SCHEMA.fieldNames()})
-
+    # 3. exact fused scores inside each cell; each product is a query in exactly one cell, so its
+    # list is final there: no merge shuffle, and every product gets a row.
     keys = ["cell", "category"] if hard else ["cell"]
-    candidates = routed.groupBy(*keys).applyInPandas(score_cell, CANDIDATES_SCHEMA)
-
-    # 4. merge each product's candidate lists: best K, score descending, ties by product id.
-    # sort_array orders structs field by field, so (-score, product_id) first gives that order.
-    merged = (candidates.groupBy("query_id")
-              .agg(F.sort_array(F.collect_list(F.struct((-F.col("score")).alias("neg"), "product_id",
-                                                        "score", *fusion.COMPONENTS))).alias("c"))
-              .select(F.col("query_id").alias("product_id"),
-                      F.transform(F.slice("c", 1, k), lambda x: F.struct(
-                          *[x[f].alias(f) for f in NEIGHBOUR.fieldNames()])).alias("neighbours")))
-    # products that found no candidate still get a row
-    return (products.select("product_id").join(merged, "product_id", "left")
-            .select("product_id", F.coalesce("neighbours", F.array().cast(T.ArrayType(NEIGHBOUR))).alias("neighbours")))
+    lists = (products.mapInPandas(route, ROUTED_SCHEMA).groupBy(*keys)
+             .applyInPandas(lambda pdf: score_cell(pdf, dims, weights, scale, k), LISTS_SCHEMA))
+    return lists.select("product_id", F.transform("n_product_id", lambda _, i: F.struct(
+        *[F.col(f"n_{f}")[i].alias(f) for f in NEIGHBOUR.fieldNames()])).alias("neighbours"))
 
 
 def neighbours_table(catalog: DataFrame, neighbours: DataFrame) -> DataFrame:

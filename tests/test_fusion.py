@@ -10,7 +10,7 @@ def products(ids, text=None, image=None, brand=None, category=None, price=None):
     n = len(ids)
     t, ht = fusion.stack_vectors(text or [None] * n, 2)
     i, hi = fusion.stack_vectors(image or [None] * n, 2)
-    return fusion.Products(np.array(ids, dtype=object), t, ht, i, hi,
+    return fusion.Products(np.array(ids, dtype=object), {"text": t, "image": i}, {"text": ht, "image": hi},
                            np.array(brand or [-1] * n, dtype=np.int64), np.array(category or [-1] * n, dtype=np.int64),
                            np.log(np.array([np.nan if p is None else p for p in (price or [None] * n)], dtype=float)))
 

@@ -46,7 +46,7 @@ def test_recall_close_to_exact_without_all_pairs(spark, skewed):
     x = centres[rng.choice(clusters, size=n, p=p)] + rng.normal(scale=0.35, size=(n, d))
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     ids = np.array([f"p{i:05d}" for i in range(n)], dtype=object)
-    config = load_config(overrides=TEXT_ONLY + ["join.block_size=250", "join.max_block_size=600", "join.nprobe=6"])
+    config = load_config(overrides=TEXT_ONLY + ["join.block_size=250", "join.max_block_size=600", "join.spill=6"])
     found = neighbour_ids(join.find_neighbours(frame(spark, ids, x), config.join))
     assert len(found) == n and all(len(v) == 10 for v in found.values())
     assert recall_against_exact(found, x, ids, 10) >= 0.95
