@@ -47,6 +47,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="catalog format (default: ingest.format, 'auto' = from the path)")
     _add_config_args(run)
 
+    st_ingest = sub.add_parser("ingest", help="stage 1: validate a catalog into <output>/catalog",
+                               description="Read and validate a catalog; every row lands in <output>/catalog "
+                                           "with a status and reason.")
+    st_ingest.add_argument("--catalog", required=True, metavar="PATH")
+    st_ingest.add_argument("--output", required=True, metavar="DIR")
+    st_ingest.add_argument("--format", choices=CATALOG_FORMATS, default=None)
+    _add_config_args(st_ingest)
+    st_embed = sub.add_parser("embed", help="stage 2: encode new or changed products into <output>/embeddings",
+                              description="Encode the texts and images of <output>/catalog that are new or "
+                                          "changed since the last run, and MERGE them into <output>/embeddings.")
+    st_embed.add_argument("--output", required=True, metavar="DIR")
+    _add_config_args(st_embed)
+    st_join = sub.add_parser("neighbours", help="stage 3: write <output>/neighbours from catalog and embeddings",
+                             description="Each product's K most similar products by fused score, from "
+                                         "<output>/catalog and <output>/embeddings, into <output>/neighbours.")
+    st_join.add_argument("--output", required=True, metavar="DIR")
+    _add_config_args(st_join)
+
     bench = sub.add_parser("bench", help="benchmarks: ours vs a baseline, in one run",
                            description="Benchmarks that compare ours with a baseline in one run (medians of repeats).")
     bench_sub = bench.add_subparsers(dest="bench", metavar="WHAT")
@@ -72,10 +90,45 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run the MLlib baseline (auto: when N <= 20,000; it grows as N^2)")
     b_join.add_argument("--mllib-bucket-length", type=float, default=1.0)
     b_join.add_argument("--mllib-tables", type=int, default=4)
+    b_join.add_argument("--repeats", type=int, default=3, help="runs of ours; the median is reported")
     b_join.add_argument("--scaling", action="store_true",
                         help="run ours at N = 50k, 100k, 200k, 400k and fit the exponent of time vs N")
     b_join.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_config_args(b_join)
+    b_quality = bench_sub.add_parser(
+        "quality", help="match quality on a labelled benchmark (amazon-google or grocery)",
+        description="Builds the benchmark catalog, runs ingest + embed, then measures recall@k/MRR of a character "
+                    "n-gram TF-IDF baseline, each modality alone, the fused default and fused with learned weights "
+                    "(two-fold cross-validated), all in one run.")
+    b_quality.add_argument("--dataset", choices=["amazon-google", "grocery"], required=True)
+    b_quality.add_argument("--data", required=True, metavar="DIR", help="the dataset's folder")
+    b_quality.add_argument("--work", default="out/quality", metavar="DIR", help="scratch folder for tables")
+    b_quality.add_argument("--json", action="store_true")
+    _add_config_args(b_quality)
+
+    ev = sub.add_parser(
+        "evaluate", help="recall@k and MRR of a neighbours table against labelled pairs",
+        description="For labelled match pairs (both directions): recall@1/5/10/20, MRR and precision@k of the "
+                    "neighbours table; with --ablation, also each modality alone and fused, recomputed from the "
+                    "run's catalog and embeddings tables (siblings of the neighbours table).")
+    ev.add_argument("--neighbours", required=True, metavar="DIR", help="a neighbours Delta table (<output>/neighbours)")
+    ev.add_argument("--pairs", required=True, metavar="CSV", help="labelled matches, a CSV with a header")
+    ev.add_argument("--left-col", default=None, help="pairs column with one product id (default: the first)")
+    ev.add_argument("--right-col", default=None, help="pairs column with the other (default: the second)")
+    ev.add_argument("--ablation", action="store_true", help="also each modality alone (re-runs the join)")
+    ev.add_argument("--json", action="store_true")
+    _add_config_args(ev)
+
+    fw = sub.add_parser(
+        "fit-weights", help="learn join.weights from labelled pairs and write them to a config file",
+        description="Fits the fused score's component weights on labelled pairs against hard negatives (the "
+                    "candidates the joins find) and writes a YAML config that 'prodsim run --conf FILE' uses.")
+    fw.add_argument("--output", required=True, metavar="DIR", help="a finished run's output folder")
+    fw.add_argument("--pairs", required=True, metavar="CSV")
+    fw.add_argument("--left-col", default=None)
+    fw.add_argument("--right-col", default=None)
+    fw.add_argument("--write", required=True, metavar="YAML", help="config file to write the weights to")
+    _add_config_args(fw)
     return parser
 
 
@@ -103,9 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = _config_from(args)
     _precheck_catalog(args.catalog, config)
-    output = args.output
-    if "://" not in output and not output.startswith("dbfs:"):
-        output = str(Path(output).resolve())
+    output = _local(args.output)
     spark = get_session(config.spark)
     result = run_pipeline(spark, args.catalog, output, config)
     print(f"\nprodsim run: {result.rows} catalog rows -> {output}")
@@ -135,12 +186,43 @@ def _print_samples(spark, neighbours_path: str, output: str, n: int = 3) -> None
     rows = (io.read_delta(spark, neighbours_path).where(F.size("neighbours") > 0)
             .orderBy("source_row").limit(n).collect())
     title = {r["product_id"]: r["title"] for r in titles.collect()}
-    print("\nsample neighbours (score: text + image + brand + category + price):")
+    from prodsim_spark.fusion import COMPONENTS
+
+    print(f"\nsample neighbours (score: {' + '.join(COMPONENTS)}):")
     for r in rows:
         print(f"  {r['product_id']} {title.get(r['product_id']) or ''!s:.40}")
         for nb in r["neighbours"][:3]:
-            parts = " + ".join(f"{nb[c]:.2f}" for c in ("text", "image", "brand", "category", "price"))
+            parts = " + ".join(f"{nb[c]:.2f}" for c in COMPONENTS)
             print(f"      {nb['score']:.3f} = {parts}  {nb['product_id']} {title.get(nb['product_id']) or ''!s:.40}")
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    """One stage of the pipeline on a run folder (what the per-stage spark-submit jobs and the DAG call)."""
+    from prodsim_spark import io, pipeline
+    from prodsim_spark.session import get_session
+
+    config = _config_from(args)
+    if args.command == "ingest":
+        _precheck_catalog(args.catalog, config)
+    output = _local(args.output)
+    spark = get_session(config.spark)
+    if args.command != "ingest" and not io.delta_table_exists(spark, pipeline.table_path(output, "catalog")):
+        raise ConfigError(f"{output}/catalog is not a Delta table: run 'prodsim ingest' (or 'prodsim run') first")
+    if args.command == "neighbours" and not io.delta_table_exists(spark, pipeline.table_path(output, "embeddings")):
+        raise ConfigError(f"{output}/embeddings is not a Delta table: run 'prodsim embed' first")
+    result = pipeline.RunResult(output=output)
+    if args.command == "ingest":
+        result = pipeline.run_ingest(spark, args.catalog, output, config)
+        print(f"prodsim ingest: {result.rows} rows -> {result.tables['catalog']}: "
+              + ", ".join(f"{k} {v}" for k, v in result.status.items()))
+    elif args.command == "embed":
+        pipeline.run_embed(spark, output, config, result)
+        print(f"prodsim embed: {result.embed} -> {result.tables['embeddings']}")
+    else:
+        pipeline.run_join(spark, output, config, result)
+        print(f"prodsim neighbours: {result.join['with_neighbours']} of {result.join['rows']} rows have "
+              f"neighbours -> {result.tables['neighbours']}")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -153,13 +235,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError("prodsim bench: say what to benchmark: prodsim bench embed")
     config = _config_from(args)
     spark = get_session(config.spark)
+    if args.bench == "quality":
+        result = bench.bench_quality(spark, config, args.dataset, Path(args.data), Path(args.work))
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            from prodsim_spark.evaluate import markdown_table
+
+            print(markdown_table(result["methods"]))
+            print("learned weights per fold:", [f["weights"] for f in result["fits"]])
+        return 0
     if args.bench == "join":
         if args.scaling:
             result = bench.bench_scaling(spark, config, k=args.k)
         else:
             mllib = {"auto": None, "yes": True, "no": False}[args.mllib]
             result = bench.bench_join(spark, config, n=args.n, k=args.k, d=args.d, sample=args.sample, mllib=mllib,
-                                      mllib_bucket_length=args.mllib_bucket_length, mllib_tables=args.mllib_tables)
+                                      mllib_bucket_length=args.mllib_bucket_length, mllib_tables=args.mllib_tables,
+                                      repeats=args.repeats)
         print(json.dumps(result, indent=2) if args.json else result)
         return 0
     result = bench.bench_embed(spark, config, rows=args.rows, image_rows=args.image_rows, repeats=args.repeats)
@@ -174,7 +267,61 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "bench": cmd_bench}
+def _local(path: str) -> str:
+    return path if "://" in path or path.startswith("dbfs:") else str(Path(path).resolve())
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from prodsim_spark import evaluate, io, quality
+    from prodsim_spark.session import get_session
+
+    config = _config_from(args)
+    if not Path(args.pairs).exists():
+        raise ConfigError(f"--pairs {args.pairs}: no such file")
+    spark = get_session(config.spark)
+    path = _local(args.neighbours)
+    if not io.delta_table_exists(spark, path):
+        raise ConfigError(f"--neighbours {path}: not a Delta table (expected <output>/neighbours of a run)")
+    pairs = quality.read_pairs(spark, args.pairs, args.left_col, args.right_col)
+    results = {"neighbours table": evaluate.metrics(io.read_delta(spark, path), pairs)}
+    if args.ablation:
+        output = path.rstrip("/").rsplit("/", 1)[0]
+        products = quality.run_products(spark, output, config)
+        for name, lists in quality.ablations(products, config).items():
+            results[name] = evaluate.metrics(lists, pairs)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(evaluate.markdown_table(results))
+    return 0
+
+
+def cmd_fit_weights(args: argparse.Namespace) -> int:
+    import json
+
+    import yaml
+
+    from prodsim_spark import quality
+    from prodsim_spark.session import get_session
+
+    config = _config_from(args)
+    spark = get_session(config.spark)
+    pairs = quality.read_pairs(spark, args.pairs, args.left_col, args.right_col)
+    products = quality.run_products(spark, _local(args.output), config)
+    report = quality.fit_weights(products, quality.ablations(products, config), pairs, config)
+    Path(args.write).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.write, "w", encoding="utf-8") as f:
+        f.write(f"# join.weights fitted by 'prodsim fit-weights' on {args.pairs} ({report['queries']} labelled "
+                f"products);\n# use with: prodsim run --conf {args.write} ...\n")
+        yaml.safe_dump({"join": {"weights": report["weights"]}}, f, sort_keys=False)
+    print(json.dumps(report, indent=2))
+    print(f"weights written to {args.write}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "ingest": cmd_stage, "embed": cmd_stage, "neighbours": cmd_stage, "bench": cmd_bench, "evaluate": cmd_evaluate, "fit-weights": cmd_fit_weights}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,7 +115,28 @@ class FusionWeights(_Section):
     image: float = Field(default=1.0, ge=0)
     brand: float = Field(default=0.1, ge=0)
     category: float = Field(default=0.1, ge=0)
-    price: float = Field(default=0.1, ge=0)
+    price: float = Field(default=0.2, ge=0)
+    lexical: float = Field(default=1.0, ge=0)
+    """Cosine of the lexical channel (character n-grams and word tokens; see LexicalSettings)."""
+
+
+class LexicalSettings(_Section):
+    """The lexical channel: hashed TF-IDF of character n-grams and words (prodsim_spark/lexical.py)."""
+
+    enabled: bool = True
+    fields: list[Literal["title", "brand", "description", "category"]] = Field(
+        default_factory=lambda: ["title"], min_length=1)
+    """Catalog fields whose words and identifiers make up the channel. Titles carry model numbers; brand
+    is left out by default because it has its own component, and a brand present on one side only
+    (common when catalogs are pooled) would pull listings of one source together."""
+    ngram_sizes: list[int] = Field(default_factory=lambda: [3], min_length=1)
+    """Character n-gram lengths; add 4 or 5 for longer identifiers, at a little more noise per bucket."""
+    word_tokens: bool = True
+    """Whole words as terms too, so an exact identifier weighs more than its pieces."""
+    dims: int = Field(default=1024, ge=16, le=1 << 20)
+    """Hash buckets = vector length. Larger: fewer collisions (less noise), more scoring work and
+    shuffle (the join moves dims x 4 bytes per product and copy)."""
+    min_doc_freq: int = Field(default=1, ge=0)
 
 
 class JoinSettings(_Section):
@@ -126,14 +147,21 @@ class JoinSettings(_Section):
     category_mode: Literal["soft", "hard"] = "soft"
     """soft: category agreement is a weighted term; hard: only products of one category are compared."""
     block_size: int = Field(default=1000, ge=2)
-    """Target products per IVF cell. Larger: fewer cells, higher recall at a given nprobe, more work per query."""
+    """Target products per IVF cell (home assignments). Larger: fewer cells, higher recall at a given spill,
+    more work per product (each compares with about spill x block_size others)."""
     max_block_size: int = Field(default=4000, ge=2)
     """Cells predicted to grow past this are split again by k-means, so one skewed cell cannot stall a task."""
-    nprobe: int = Field(default=8, ge=1)
-    """Cells each product searches. Larger: higher recall, time grows about linearly."""
-    sample_size: int = Field(default=20000, ge=10)
-    """Products sampled (on the driver) to train the cell centroids."""
-    kmeans_iterations: int = Field(default=12, ge=1)
+    spill: int = Field(default=3, ge=1)
+    """Cells each product is stored in (its nearest ones); it is searched from its home cell. Larger:
+    higher recall; shuffle and scoring work grow about linearly."""
+    sample_size: int = Field(default=50000, ge=10)
+    """Products sampled to the driver to train the first centroids. Larger: better first centroids,
+    more driver memory (sample x dims floats) and k-means time (sample x cells x dims per iteration)."""
+    kmeans_iterations: int = Field(default=10, ge=1)
+    refine_passes: int = Field(default=4, ge=0)
+    """Lloyd passes over all products after the sample k-means. Each is one scan of the products
+    (n x cells x dims work, on the executors); they matter for catalogs with many small groups, where
+    a sample holds few products of each group. 0: sample centroids only (fast, lower recall)."""
     seed: int = 42
 
 
@@ -141,6 +169,7 @@ class ProdsimConfig(_Section):
     spark: SparkSettings = Field(default_factory=SparkSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     embed: EmbedSettings = Field(default_factory=EmbedSettings)
+    lexical: LexicalSettings = Field(default_factory=LexicalSettings)
     join: JoinSettings = Field(default_factory=JoinSettings)
 
 

@@ -5,7 +5,8 @@ the same thing. Tables written under ``<output>``:
 
 * ``catalog``: the validated catalog, every input row with status and reason (ingest stage).
 * ``embeddings``: text and image vectors per product, updated incrementally (embed stage).
-* ``neighbours``: per catalog row, its K most similar products with per-component scores (join stage).
+* ``neighbours``: per catalog row, its K most similar products with per-component scores (join stage;
+  the lexical channel is computed from the catalog there, see :mod:`prodsim_spark.lexical`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from prodsim_spark import embed, encoders, ingest, io, join
+from prodsim_spark import embed, encoders, ingest, io, join, lexical
 from prodsim_spark.config import ProdsimConfig
 from prodsim_spark.progress import stage
 
@@ -97,7 +98,9 @@ def run_join(spark: SparkSession, output: str, config: ProdsimConfig, result: Ru
     embeddings = io.read_delta(spark, table_path(output, "embeddings"))
     path = table_path(output, "neighbours")
     with stage(spark, "join", f"top-{config.join.k} fused neighbours -> {path}"):
-        products = join.join_inputs(catalog, embeddings).persist()
+        lexical_vectors = (lexical.lexical_vectors(catalog.where("status != 'rejected'"), config.lexical)
+                           if config.lexical.enabled and config.join.weights.lexical > 0 else None)
+        products = join.join_inputs(catalog, embeddings, lexical_vectors).persist()
         found = join.find_neighbours(products, config.join)
         io.write_delta(join.neighbours_table(catalog, found), path)
         products.unpersist()

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from prodsim_spark import cli, io
+
+from prodsim_spark import cli, fusion, io
 from conftest import SAMPLE_CATALOG
 
 PRODSIM = str(Path(sys.executable).with_name("prodsim"))
@@ -74,7 +75,7 @@ def test_run_on_sample_catalog_keeps_every_row(spark, tmp_path, capsys):
         assert 0 < len(nbs) <= 10 and all(nb["product_id"] != r["product_id"] for nb in nbs)
         assert [nb["score"] for nb in nbs] == sorted((nb["score"] for nb in nbs), reverse=True)
         for nb in nbs:  # the component scores add up to the score
-            parts = nb["text"] + nb["image"] + nb["brand"] + nb["category"] + nb["price"]
+            parts = sum(nb[c] for c in fusion.COMPONENTS)
             assert parts == pytest.approx(nb["score"], abs=1e-5)
     assert "sample neighbours" in printed
     # X900's image is a truncated JPEG: no image vector, but text neighbours and the reason kept

@@ -1,0 +1,69 @@
+"""Evaluate stage: how often neighbour lists find the labelled true matches.
+
+Metrics, over every *query*: a product of a labelled pair that is in the neighbours table (both
+products of a pair are queries, so both directions count):
+
+* ``recall@k``: share of queries with at least one true match among their first k neighbours
+  (with one match per product, as in most matching benchmarks, this is the usual recall@k);
+* ``mrr``: mean of 1 / rank of the first true match (0 when none is in the list);
+* ``precision@k``: mean share of the first k neighbours that are true matches (for groups of
+  matches, e.g. all listings of one product).
+
+Pairs naming a product that is not in the table are counted apart (``pairs_unknown``), never
+silently: the evaluation says how much of the labelled data it could use.
+"""
+from __future__ import annotations
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+KS = (1, 5, 10, 20)
+
+
+def directed_pairs(pairs: DataFrame) -> DataFrame:
+    """(query, match) both ways from (left_id, right_id), without self pairs and duplicates."""
+    both = pairs.select(F.col("left_id").alias("query"), F.col("right_id").alias("match")).unionByName(
+        pairs.select(F.col("right_id").alias("query"), F.col("left_id").alias("match")))
+    return both.where("query IS NOT NULL AND match IS NOT NULL AND query != match").distinct()
+
+
+def match_ranks(neighbours: DataFrame, pairs: DataFrame) -> DataFrame:
+    """Per query: ``first_rank`` of a true match (1-based; null when none listed), ``hits`` per k,
+    and the list length."""
+    listed = neighbours.select("product_id", F.posexplode("neighbours").alias("pos", "nb")).select(
+        F.col("product_id").alias("query"), (F.col("pos") + 1).alias("rank"), F.col("nb.product_id").alias("match"))
+    truth = directed_pairs(pairs)
+    known = truth.join(neighbours.select(F.col("product_id").alias("query")), "query", "left_semi")
+    found = known.join(listed, ["query", "match"], "inner")
+    per_query = found.groupBy("query").agg(
+        F.min("rank").alias("first_rank"),
+        *[F.sum(F.when(F.col("rank") <= k, 1).otherwise(0)).alias(f"hits_{k}") for k in KS])
+    return known.select("query").distinct().join(per_query, "query", "left").fillna(0, [f"hits_{k}" for k in KS])
+
+
+def metrics(neighbours: DataFrame, pairs: DataFrame, queries: DataFrame | None = None) -> dict:
+    """recall@k, mrr, precision@k over the queries (optionally only those in ``queries.product_id``)."""
+    ranks = match_ranks(neighbours, pairs)
+    if queries is not None:
+        ranks = ranks.join(queries.select(F.col("product_id").alias("query")), "query", "left_semi")
+    row = ranks.agg(
+        F.count("*").alias("queries"),
+        *[F.avg(F.when(F.col("first_rank") <= k, 1.0).otherwise(0.0)).alias(f"recall@{k}") for k in KS],
+        F.avg(F.when(F.col("first_rank").isNotNull(), 1.0 / F.col("first_rank")).otherwise(0.0)).alias("mrr"),
+        *[F.avg(F.col(f"hits_{k}") / k).alias(f"precision@{k}") for k in KS]).first().asDict()
+    truth = directed_pairs(pairs)
+    unknown = truth.join(neighbours.select(F.col("product_id").alias("query")), "query", "left_anti").count()
+    out = {k: (round(float(v), 4) if v is not None and k != "queries" else v) for k, v in row.items()}
+    out["queries"] = int(row["queries"] or 0)
+    out["pairs_unknown"] = int(unknown)
+    return out
+
+
+def markdown_table(results: dict[str, dict], columns=("recall@1", "recall@5", "recall@10", "recall@20", "mrr",
+                                                       "precision@10")) -> str:
+    """One row per method, one column per metric."""
+    lines = ["| method | " + " | ".join(columns) + " | queries |", "|---" * (len(columns) + 2) + "|"]
+    for name, m in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{m.get(c, float('nan')):.3f}" for c in columns)
+                     + f" | {m.get('queries', '')} |")
+    return "\n".join(lines)

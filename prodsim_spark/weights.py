@@ -1,0 +1,86 @@
+"""Learned fusion weights: fit the component weights of the fused score on labelled pairs.
+
+The model is the fused score itself, ``sum_c w_c a_c s_c / sum_c w_c a_c`` (see
+:mod:`prodsim_spark.fusion`), with one non-negative weight per component: nothing new to explain,
+the learned weights go straight into ``join.weights``. It is fitted as a listwise ranking model: for
+each labelled product, a softmax over its candidates (the neighbours found by the fused and
+single-component joins: the hard negatives) with temperature t, maximising the probability of its
+true matches. Weights are kept positive (fitted as logs) and scaled so the largest is 1.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize
+
+from prodsim_spark import fusion
+
+log = logging.getLogger(__name__)
+
+
+def pair_components(a: fusion.Products, b: fusion.Products, price_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Row-aligned pairs (a[i], b[i]): raw similarity and availability per component, (n, C) each."""
+    n = len(a)
+    sims = np.zeros((n, len(fusion.COMPONENTS)), dtype=np.float64)
+    avail = np.zeros_like(sims, dtype=bool)
+    for j, name in enumerate(fusion.COMPONENTS):
+        if name in fusion.DENSE:
+            if name in a.vectors and a.vectors[name].shape[1]:
+                sims[:, j] = np.einsum("ij,ij->i", a.vectors[name], b.vectors[name])
+                avail[:, j] = a.has[name] & b.has[name]
+        elif name == "price":
+            diff = np.abs(a.log_price - b.log_price)
+            avail[:, j] = ~np.isnan(diff)
+            sims[:, j] = np.exp(-np.nan_to_num(diff, nan=0.0) / price_scale)
+        else:
+            x, y = getattr(a, name), getattr(b, name)
+            avail[:, j] = (x >= 0) & (y >= 0)
+            sims[:, j] = x == y
+    return sims, avail
+
+
+def fused(weights: np.ndarray, sims: np.ndarray, avail: np.ndarray) -> np.ndarray:
+    w = avail * weights
+    total = w.sum(axis=1)
+    return np.where(total > 0, (w * sims).sum(axis=1) / np.where(total > 0, total, 1), 0.0)
+
+
+def fit(sims: np.ndarray, avail: np.ndarray, query: np.ndarray, positive: np.ndarray, start: dict[str, float],
+        l2: float = 0.01) -> dict:
+    """Weights maximising the listwise softmax likelihood of true matches among each query's candidates.
+
+    ``query`` groups candidate rows (an int per row), ``positive`` marks true matches. Queries with no
+    true match among their candidates carry no signal and are left out. Returns the weights (largest 1),
+    the temperature, and the loss before and after.
+    """
+    frame = pd.DataFrame({"q": query, "pos": positive})
+    useful = frame.groupby("q")["pos"].transform("any").to_numpy()
+    sims, avail, query, positive = sims[useful], avail[useful], query[useful], positive[useful]
+    groups, inverse = np.unique(query, return_inverse=True)
+    used = avail.any(axis=0)  # components no pair has keep their start weight
+    w0 = np.array([max(start.get(c, 0.0), 1e-3) for c in fusion.COMPONENTS])
+
+    def loss(theta: np.ndarray) -> float:
+        w = w0.copy()
+        w[used] = np.exp(theta[:-1])
+        z = np.exp(theta[-1]) * fused(w, sims, avail)
+        zmax = np.full(len(groups), -np.inf)
+        np.maximum.at(zmax, inverse, z)
+        e = np.exp(z - zmax[inverse])
+        all_ = np.bincount(inverse, weights=e, minlength=len(groups))
+        pos = np.bincount(inverse, weights=e * positive, minlength=len(groups))
+        return float(-np.mean(np.log(pos / all_ + 1e-12)) + l2 * np.sum(theta[:-1] ** 2))
+
+    theta0 = np.concatenate([np.log(w0[used]), [np.log(10.0)]])
+    before = loss(theta0)
+    result = minimize(loss, theta0, method="L-BFGS-B")
+    w = w0.copy()
+    w[used] = np.exp(result.x[:-1])
+    w = w / w.max()
+    log.info("[fit-weights] %d queries, %d candidate pairs: loss %.4f -> %.4f", len(groups), len(sims), before,
+             result.fun)
+    return {"weights": {c: round(float(v), 4) for c, v in zip(fusion.COMPONENTS, w)},
+            "temperature": round(float(np.exp(result.x[-1])), 3), "queries": int(len(groups)),
+            "candidate_pairs": int(len(sims)), "loss_before": round(before, 4), "loss_after": round(float(result.fun), 4)}
