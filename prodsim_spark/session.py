@@ -125,3 +125,14 @@ def _local_session(settings: SparkSettings):
     if not jars:
         _record_jars(spark, coords)
     return spark
+
+
+def submit_arguments() -> list[str]:
+    """spark-submit options that give a job Delta Lake on this machine: the cached jars when a local
+    session has already resolved them (no network), else ``--packages`` (Ivy, Maven Central)."""
+    coords = delta_maven_coordinates()
+    jars = _cached_jars(coords)
+    args = ["--jars", ",".join(jars)] if jars else ["--packages", coords]
+    for key, value in DELTA_EXTENSIONS.items():
+        args += ["--conf", f"{key}={value}"]
+    return args

@@ -1,0 +1,72 @@
+# Databricks notebook source
+# MAGIC %md
+# MAGIC # prodsim-spark: explore one product's neighbours
+# MAGIC Reads a finished run's tables (`<output>/catalog`, `<output>/neighbours`) and shows one product's
+# MAGIC neighbours with the score broken down by component (the parts add up to the score).
+
+# COMMAND ----------
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd())
+try:
+    from _widgets import widgets
+except ImportError:
+    def widgets():
+        return dbutils.widgets  # noqa: F821
+
+w = widgets()
+w.text("output", "out/notebook", "A run's output folder")
+w.text("product_id", "", "Product to look at (empty: the first with neighbours)")
+
+# COMMAND ----------
+
+from pyspark.sql import functions as F
+
+from prodsim_spark import fusion, io
+from prodsim_spark.config import load_config
+from prodsim_spark.session import get_session
+
+spark = get_session(load_config().spark)
+output = w.get("output")
+if "://" not in output and not output.startswith("dbfs:"):
+    output = os.path.abspath(output)
+catalog = io.read_delta(spark, output + "/catalog")
+neighbours = io.read_delta(spark, output + "/neighbours")
+product_id = w.get("product_id") or (
+    neighbours.where(F.size("neighbours") > 0).orderBy("source_row").first()["product_id"])
+
+# COMMAND ----------
+
+# MAGIC %md ## The product and its neighbours, score by component
+
+# COMMAND ----------
+
+row = neighbours.where(F.col("product_id") == product_id).first()
+assert row is not None, f"{product_id} is not in {output}/neighbours"
+info = {r["product_id"]: r for r in catalog.select("product_id", "title", "brand", "price").collect()}
+me = info.get(product_id)
+print(f"{product_id}: {me['title'] if me else ''}  status={row['status']} reason={row['reason']}")
+breakdown = []
+for nb in row["neighbours"]:
+    parts = {c: round(nb[c], 3) for c in fusion.COMPONENTS}
+    other = info.get(nb["product_id"])
+    breakdown.append({"neighbour": nb["product_id"], "title": other["title"] if other else None,
+                      "score": round(nb["score"], 3), **parts})
+    assert abs(sum(parts.values()) - nb["score"]) < 0.01  # the parts add up to the score
+import pandas as pd
+
+table = pd.DataFrame(breakdown)
+print(table.to_string(index=False))
+
+# COMMAND ----------
+
+# MAGIC %md ## Who lists this product among their neighbours?
+
+# COMMAND ----------
+
+reverse = (neighbours.select("product_id", F.explode("neighbours").alias("n"))
+           .where(F.col("n.product_id") == product_id).select("product_id", F.round("n.score", 3).alias("score"))
+           .orderBy(F.desc("score")))
+reverse.show(10, truncate=False)
