@@ -122,10 +122,10 @@ def score_cell(pdf: pd.DataFrame, dims: dict[str, int], weights: dict[str, float
                      for c in fusion.COMPONENTS}}
         out["product_id"].extend(q.ids)
         for name, v in values.items():
-            pieces = np.split(v, bounds[1:-1])
-            # Arrow converts float arrays directly, but not object arrays of strings when one is empty
-            out[f"n_{name}"].extend([x.tolist() for x in pieces] if name == "product_id" else pieces)
-    return pd.DataFrame(out, columns=LISTS_SCHEMA.fieldNames())
+            out[f"n_{name}"].extend(np.split(v, bounds[1:-1]))
+    # object dtype even when empty: a cell holding only spilled copies has no queries, and Arrow
+    # cannot convert pandas' default float64 for an empty column into a list column
+    return pd.DataFrame({f: pd.Series(out[f], dtype=object) for f in LISTS_SCHEMA.fieldNames()})
 
 
 def _refine(products: DataFrame, centroids: np.ndarray, dims: dict[str, int], weights: dict[str, float],

@@ -71,3 +71,15 @@ def test_ties_are_deterministic(spark):
     first = neighbour_ids(join.find_neighbours(frame(spark, ids, vecs), config.join))
     again = neighbour_ids(join.find_neighbours(frame(spark, ids[::-1], vecs[::-1]).repartition(3), config.join))
     assert first["q"] == again["q"] == ["b", "c"]
+
+
+def test_a_cell_with_no_home_products_returns_an_empty_frame_arrow_can_convert():
+    import pandas as pd
+    import pyarrow as pa
+
+    routed = pd.DataFrame({"cell": [0], "home": [False], "product_id": ["a"], "text_vec": [np.ones(2, np.float32).tobytes()],
+                           "image_vec": [None], "lexical_vec": [None], "brand": [-1], "category": [-1],
+                           "log_price": [np.nan]})
+    out = join.score_cell(routed, {"text": 2, "image": 0, "lexical": 0}, {"text": 1.0}, 0.5, 5)
+    assert len(out) == 0
+    pa.Array.from_pandas(out["n_product_id"], type=pa.list_(pa.string()))  # raised before the fix
