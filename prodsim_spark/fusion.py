@@ -205,12 +205,12 @@ def train_cells(sample: np.ndarray, n_total: int, block_size: int, max_block_siz
     return centroids
 
 
-def nearest_cells(x: np.ndarray, centroids: np.ndarray, nprobe: int) -> np.ndarray:
-    """(n, nprobe) cell indices, nearest first (column 0 is the home cell)."""
+def nearest_cells(x: np.ndarray, centroids: np.ndarray, count: int) -> np.ndarray:
+    """(n, count) cell indices, nearest first (column 0 is the home cell)."""
     sims = x @ centroids.T
-    nprobe = min(nprobe, centroids.shape[0])
-    if nprobe == centroids.shape[0]:
+    count = min(count, centroids.shape[0])
+    if count == centroids.shape[0]:
         return np.argsort(-sims, axis=1)
-    part = np.argpartition(-sims, nprobe - 1, axis=1)[:, :nprobe]
+    part = np.argpartition(-sims, count - 1, axis=1)[:, :count]
     order = np.argsort(-np.take_along_axis(sims, part, axis=1), axis=1)
     return np.take_along_axis(part, order, axis=1)
