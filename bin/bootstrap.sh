@@ -20,7 +20,8 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; 
   mkdir -p "$WHEELHOUSE"
   if ! "$VENV/bin/python" -m pip install -q --no-index --find-links "$WHEELHOUSE" -r "$ROOT/requirements.txt" 2>/dev/null; then
     echo "prodsim: filling the wheel cache $WHEELHOUSE from PyPI (several GB, once per machine)" >&2
-    "$VENV/bin/python" -m pip wheel -q -r "$ROOT/requirements.txt" -w "$WHEELHOUSE"
+    # --find-links: wheels already in the cache are reused, only the missing ones are downloaded
+    "$VENV/bin/python" -m pip wheel -q --find-links "$WHEELHOUSE" -r "$ROOT/requirements.txt" -w "$WHEELHOUSE"
     "$VENV/bin/python" -m pip install -q --no-index --find-links "$WHEELHOUSE" -r "$ROOT/requirements.txt"
   fi
   "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"

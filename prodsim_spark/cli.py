@@ -24,6 +24,9 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override one config key, e.g. --set ingest.columns.title=name; repeatable")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--progress", default="auto", choices=["auto", "tty", "log", "off"],
+                        help="progress of long stages: a line redrawn on a terminal (tty), a log line every 30 s "
+                             "(log), or none; auto: tty on a terminal, else log")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,12 +115,29 @@ def build_parser() -> argparse.ArgumentParser:
                     "neighbours table; with --ablation, also each modality alone and fused, recomputed from the "
                     "run's catalog and embeddings tables (siblings of the neighbours table).")
     ev.add_argument("--neighbours", required=True, metavar="DIR", help="a neighbours Delta table (<output>/neighbours)")
-    ev.add_argument("--pairs", required=True, metavar="CSV", help="labelled matches, a CSV with a header")
+    ev.add_argument("--pairs", default=None, metavar="CSV",
+                    help="labelled matches: a CSV with a header, pairs (two id columns) or groups (an id column and "
+                         "'group'); without it (or empty), only coverage: rows with lists, list length, top score")
     ev.add_argument("--left-col", default=None, help="pairs column with one product id (default: the first)")
     ev.add_argument("--right-col", default=None, help="pairs column with the other (default: the second)")
     ev.add_argument("--ablation", action="store_true", help="also each modality alone (re-runs the join)")
     ev.add_argument("--json", action="store_true")
     _add_config_args(ev)
+
+    rp = sub.add_parser(
+        "report", help="an HTML page to look at a run's neighbour lists",
+        description="Writes a self-contained HTML report of a finished run: for sampled products, the product and "
+                    "its neighbours side by side (thumbnails, titles, prices, a bar per neighbour splitting its score "
+                    "into components), the score distribution and, with --pairs, the recall@K curve.")
+    rp.add_argument("--output", required=True, metavar="DIR", help="a finished run's output folder")
+    rp.add_argument("--sample", type=int, default=20, help="products to show (a deterministic sample)")
+    rp.add_argument("--seed", type=int, default=0, help="which sample (same seed, same products)")
+    rp.add_argument("--pairs", default=None, metavar="CSV",
+                    help="labelled pairs or groups CSV: adds the recall@K curve (see 'prodsim evaluate')")
+    rp.add_argument("--left-col", default=None)
+    rp.add_argument("--right-col", default=None)
+    rp.add_argument("--html", default=None, metavar="FILE", help="where to write it (default: <output>/report.html)")
+    _add_config_args(rp)
 
     fw = sub.add_parser(
         "fit-weights", help="learn join.weights from labelled pairs and write them to a config file",
@@ -133,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from(args: argparse.Namespace) -> ProdsimConfig:
+    # an empty --conf "" (what a scheduler renders for an unset option) means no file
+    args.conf = [c for c in args.conf if c and c.strip()]
     overrides = list(args.overrides)
     if getattr(args, "format", None):
         overrides.append(f"ingest.format={args.format}")
@@ -278,12 +300,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from prodsim_spark.session import get_session
 
     config = _config_from(args)
-    if not Path(args.pairs).exists():
+    if args.pairs and not Path(args.pairs).exists():
         raise ConfigError(f"--pairs {args.pairs}: no such file")
+    if args.ablation and not args.pairs:
+        raise ConfigError("--ablation needs --pairs")
     spark = get_session(config.spark)
     path = _local(args.neighbours)
     if not io.delta_table_exists(spark, path):
         raise ConfigError(f"--neighbours {path}: not a Delta table (expected <output>/neighbours of a run)")
+    if not args.pairs:
+        found = evaluate.coverage(io.read_delta(spark, path))
+        print(json.dumps(found, indent=2) if args.json else
+              "\n".join(f"{k:<30} {v}" for k, v in found.items()))
+        return 0
     pairs = quality.read_pairs(spark, args.pairs, args.left_col, args.right_col)
     results = {"neighbours table": evaluate.metrics(io.read_delta(spark, path), pairs)}
     if args.ablation:
@@ -321,11 +350,46 @@ def cmd_fit_weights(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "ingest": cmd_stage, "embed": cmd_stage, "neighbours": cmd_stage, "bench": cmd_bench, "evaluate": cmd_evaluate, "fit-weights": cmd_fit_weights}
+def cmd_report(args: argparse.Namespace) -> int:
+    from prodsim_spark import io, pipeline, quality, report
+    from prodsim_spark.progress import stage
+    from prodsim_spark.session import get_session
+
+    config = _config_from(args)
+    if args.sample < 1:
+        raise ConfigError(f"--sample {args.sample}: give at least 1 product")
+    if args.pairs and not Path(args.pairs).exists():
+        raise ConfigError(f"--pairs {args.pairs}: no such file")
+    output = _local(args.output)
+    spark = get_session(config.spark)
+    for name in ("catalog", "neighbours"):
+        if not io.delta_table_exists(spark, pipeline.table_path(output, name)):
+            raise ConfigError(f"{output}/{name} is not a Delta table: run 'prodsim run' first")
+    target = args.html or pipeline.table_path(output, "report.html")
+    with stage(spark, "report", f"{args.sample} sampled products -> {target}"):
+        pairs = quality.read_pairs(spark, args.pairs, args.left_col, args.right_col) if args.pairs else None
+        data = report.collect_report(io.read_delta(spark, pipeline.table_path(output, "catalog")),
+                                     io.read_delta(spark, pipeline.table_path(output, "neighbours")),
+                                     output=output, sample=args.sample, seed=args.seed, pairs=pairs)
+        page = report.render_html(data)
+        if "://" in target:
+            import fsspec
+
+            with fsspec.open(target, "w", encoding="utf-8") as f:
+                f.write(page)
+        else:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            Path(target).write_text(page, encoding="utf-8")
+    print(f"prodsim report: {len(data.samples)} products with their neighbours, {len(page) // 1024} KiB -> {target}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "ingest": cmd_stage, "embed": cmd_stage, "neighbours": cmd_stage, "bench": cmd_bench, "evaluate": cmd_evaluate, "fit-weights": cmd_fit_weights,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prodsim_spark.progress import setup_logging
+    from prodsim_spark.progress import set_progress, setup_logging
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -333,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return _EXIT_USAGE
     setup_logging(args.log_level)
+    set_progress(getattr(args, "progress", "off"))
     try:
         return COMMANDS[args.command](args)
     except ProdsimError as exc:

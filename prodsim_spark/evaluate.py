@@ -59,6 +59,28 @@ def metrics(neighbours: DataFrame, pairs: DataFrame, queries: DataFrame | None =
     return out
 
 
+def coverage(neighbours: DataFrame) -> dict:
+    """What a neighbours table holds when there are no labels: rows, how many have a list, list length,
+    the first neighbour's score (mean and quartiles) and the reasons of rows without a list."""
+    row = neighbours.agg(
+        F.count("*").alias("rows"),
+        F.sum(F.when(F.size("neighbours") > 0, 1).otherwise(0)).alias("with_neighbours"),
+        F.avg(F.size("neighbours")).alias("mean_list_length"),
+        F.avg(F.get("neighbours", 0)["score"]).alias("top1_score_mean"),
+        F.percentile_approx(F.get("neighbours", 0)["score"], [0.25, 0.5, 0.75]).alias("q")).first()
+    reason = F.col("reason") if "reason" in neighbours.columns else F.lit(None).cast("string")
+    without = {r["reason"] or "none": r["count"] for r in neighbours.where(F.size("neighbours") == 0)
+               .groupBy(reason.alias("reason")).count().orderBy(F.desc("count")).collect()}
+    rows = int(row["rows"] or 0)
+    q = row["q"] or [None, None, None]
+    return {"rows": rows, "with_neighbours": int(row["with_neighbours"] or 0),
+            "share_with_neighbours": round((row["with_neighbours"] or 0) / rows, 4) if rows else 0.0,
+            "mean_list_length": round(float(row["mean_list_length"] or 0), 3),
+            "top1_score_mean": None if row["top1_score_mean"] is None else round(float(row["top1_score_mean"]), 4),
+            "top1_score_quartiles": [None if v is None else round(float(v), 4) for v in q],
+            "without_neighbours_by_reason": without}
+
+
 def markdown_table(results: dict[str, dict], columns=("recall@1", "recall@5", "recall@10", "recall@20", "mrr",
                                                        "precision@10")) -> str:
     """One row per method, one column per metric."""

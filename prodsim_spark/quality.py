@@ -31,16 +31,26 @@ log = logging.getLogger(__name__)
 
 def read_pairs(spark: SparkSession, path: str, left_col: str | None = None, right_col: str | None = None
                ) -> DataFrame:
-    """Labelled match pairs as (left_id, right_id) from a CSV with a header (default: its first two columns)."""
+    """Labelled match pairs as (left_id, right_id) from a CSV with a header: a pairs file (default: its
+    first two columns), or a groups file with a ``group`` column (every two products of one group match)."""
     if not Path(path).exists():
         raise CatalogError(f"evaluate: pairs file {path} does not exist")
     with open(path, newline="", encoding="utf-8") as f:
         header = next(csv.reader(f), [])
+    df = spark.read.option("header", True).csv(path)
+    if "group" in header and not (left_col and right_col):
+        ids = left_col or next((c for c in header if c != "group"), None)
+        if ids not in header:
+            raise CatalogError(f"evaluate: groups file {path} has no id column {ids!r} (columns: {header})")
+        members = df.select(F.trim(F.col(f"`{ids}`")).alias("id"), F.trim(F.col("group")).alias("g")) \
+            .where("id IS NOT NULL AND g IS NOT NULL")
+        a, b = members.alias("a"), members.alias("b")
+        return a.join(b, (F.col("a.g") == F.col("b.g")) & (F.col("a.id") < F.col("b.id"))) \
+            .select(F.col("a.id").alias("left_id"), F.col("b.id").alias("right_id"))
     left_col, right_col = left_col or (header[0] if header else None), right_col or (header[1] if len(header) > 1 else None)
     missing = [c for c in (left_col, right_col) if c not in header]
     if missing:
         raise CatalogError(f"evaluate: pairs file {path} has no column {missing[0]!r} (columns: {header})")
-    df = spark.read.option("header", True).csv(path)
     return df.select(F.trim(F.col(f"`{left_col}`")).alias("left_id"), F.trim(F.col(f"`{right_col}`")).alias("right_id"))
 
 

@@ -24,6 +24,22 @@ def spark():
     session.stop()
 
 
+@pytest.fixture(scope="session")
+def sample_run(spark, tmp_path_factory):
+    """One `prodsim run` of the bundled sample catalog, shared by the tests that read its tables:
+    (output folder, what the command printed)."""
+    import contextlib
+    import io
+
+    from prodsim_spark import cli
+
+    out = tmp_path_factory.mktemp("sample-run") / "out"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli.main(["run", "--catalog", str(SAMPLE_CATALOG), "--output", str(out), "--progress", "off"]) == 0
+    return out, printed.getvalue()
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path

@@ -49,10 +49,8 @@ def test_bad_arguments_fail_clearly(tmp_path):
     assert unknown_fmt.returncode == 2 and "--format" in unknown_fmt.stderr
 
 
-def test_run_on_sample_catalog_keeps_every_row(spark, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert cli.main(["run", "--catalog", str(SAMPLE_CATALOG), "--output", str(out)]) == 0
-    printed = capsys.readouterr().out
+def test_run_on_sample_catalog_keeps_every_row(spark, sample_run):
+    out, printed = sample_run
     assert "status:" in printed and "duplicate_product_id" in printed
     assert (out / "catalog" / "_delta_log").is_dir()
     with open(SAMPLE_CATALOG, newline="", encoding="utf-8") as f:

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from prodsim_spark import cli, evaluate, fusion, lexical, weights
+from prodsim_spark import cli, evaluate, fusion, lexical, quality, weights
 from prodsim_spark.config import load_config
 
 
@@ -67,3 +67,21 @@ def test_evaluate_command_on_a_run(spark, tmp_path, capsys):
     assert result["neighbours table"]["recall@1"] == pytest.approx(0.5)
     assert cli.main(["evaluate", "--neighbours", path, "--pairs", str(pairs), "--left-col", "nope"]) != 0
     assert "no column 'nope'" in capsys.readouterr().err
+
+
+def test_groups_file_gives_every_pair_within_a_group(spark, tmp_path):
+    groups = tmp_path / "groups.csv"
+    groups.write_text("product_id,group\na,1\nb,1\nc,1\nd,2\ne,3\ne2,3\n")
+    pairs = {(r["left_id"], r["right_id"]) for r in quality.read_pairs(spark, str(groups)).collect()}
+    assert pairs == {("a", "b"), ("a", "c"), ("b", "c"), ("e", "e2")}
+
+
+def test_evaluate_without_pairs_reports_coverage(spark, tmp_path, capsys):
+    from prodsim_spark import io
+
+    nb = neighbours_frame(spark, {"a": ["b"], "b": ["c", "a"], "c": []})
+    path = str(tmp_path / "run" / "neighbours")
+    io.write_delta(nb, path)
+    assert cli.main(["evaluate", "--neighbours", path, "--pairs", "", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["rows"] == 3 and found["with_neighbours"] == 2 and found["mean_list_length"] == 1.0
