@@ -90,3 +90,24 @@ rows = view.orderBy("product_id", "rank").collect()
 for r in rows[:15]:
     print(f"{r['product_id']:<8} {str(r['title'])[:30]:<30} #{r['rank'] + 1} {r['score']:.3f} {str(r['neighbour_title'])[:30]}")
 assert rows, "some products have neighbours"
+
+# COMMAND ----------
+
+# MAGIC %md ## 6. The report: sampled products beside their neighbours, thumbnails and score bars
+# MAGIC The same page as `prodsim report`; on Databricks it is shown inline, elsewhere written next to the tables.
+
+# COMMAND ----------
+
+from prodsim_spark import report
+
+data = report.collect_report(catalog, neighbours, output=output, sample=10,
+                             pairs=quality.read_pairs(spark, w.get("pairs")) if w.get("pairs") else None)
+page = report.render_html(data)
+try:
+    displayHTML(page)  # noqa: F821 (Databricks)
+except NameError:
+    if "://" not in output and not output.startswith("dbfs:"):
+        with open(os.path.join(output, "report.html"), "w", encoding="utf-8") as f:
+            f.write(page)
+        print(f"report: {os.path.join(output, 'report.html')}")
+assert len(data.samples) == min(10, data.with_neighbours)

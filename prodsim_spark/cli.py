@@ -29,6 +29,14 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                              "(log), or none; auto: tty on a terminal, else log")
 
 
+def _add_pairs_args(parser: argparse.ArgumentParser, what: str, required: bool = False) -> None:
+    parser.add_argument("--pairs", required=required, default=None, metavar="CSV",
+                        help="labelled matches, a CSV with a header: pairs (two id columns) or groups (an id column "
+                             f"and 'group': every two products of a group match); {what}")
+    parser.add_argument("--left-col", default=None, help="pairs column with one product id (default: the first)")
+    parser.add_argument("--right-col", default=None, help="pairs column with the other (default: the second)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prodsim",
@@ -115,11 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "neighbours table; with --ablation, also each modality alone and fused, recomputed from the "
                     "run's catalog and embeddings tables (siblings of the neighbours table).")
     ev.add_argument("--neighbours", required=True, metavar="DIR", help="a neighbours Delta table (<output>/neighbours)")
-    ev.add_argument("--pairs", default=None, metavar="CSV",
-                    help="labelled matches: a CSV with a header, pairs (two id columns) or groups (an id column and "
-                         "'group'); without it (or empty), only coverage: rows with lists, list length, top score")
-    ev.add_argument("--left-col", default=None, help="pairs column with one product id (default: the first)")
-    ev.add_argument("--right-col", default=None, help="pairs column with the other (default: the second)")
+    _add_pairs_args(ev, "without it (or empty), only coverage: rows with lists, list length, top score")
     ev.add_argument("--ablation", action="store_true", help="also each modality alone (re-runs the join)")
     ev.add_argument("--json", action="store_true")
     _add_config_args(ev)
@@ -132,10 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--output", required=True, metavar="DIR", help="a finished run's output folder")
     rp.add_argument("--sample", type=int, default=20, help="products to show (a deterministic sample)")
     rp.add_argument("--seed", type=int, default=0, help="which sample (same seed, same products)")
-    rp.add_argument("--pairs", default=None, metavar="CSV",
-                    help="labelled pairs or groups CSV: adds the recall@K curve (see 'prodsim evaluate')")
-    rp.add_argument("--left-col", default=None)
-    rp.add_argument("--right-col", default=None)
+    _add_pairs_args(rp, "adds the recall@K curve")
     rp.add_argument("--html", default=None, metavar="FILE", help="where to write it (default: <output>/report.html)")
     _add_config_args(rp)
 
@@ -144,9 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fits the fused score's component weights on labelled pairs against hard negatives (the "
                     "candidates the joins find) and writes a YAML config that 'prodsim run --conf FILE' uses.")
     fw.add_argument("--output", required=True, metavar="DIR", help="a finished run's output folder")
-    fw.add_argument("--pairs", required=True, metavar="CSV")
-    fw.add_argument("--left-col", default=None)
-    fw.add_argument("--right-col", default=None)
+    _add_pairs_args(fw, "required", required=True)
     fw.add_argument("--write", required=True, metavar="YAML", help="config file to write the weights to")
     _add_config_args(fw)
     return parser

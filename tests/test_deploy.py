@@ -31,10 +31,12 @@ def test_spark_submit_pipeline_job_on_the_sample_catalog(spark, tmp_path):
 
 @pytest.mark.slow
 def test_notebooks_run_as_scripts(spark, tmp_path):
-    env = {**ENV, "PRODSIM_OUTPUT": str(tmp_path / "nb"), "PRODSIM_CATALOG": str(SAMPLE_CATALOG)}
+    env = {**ENV, "PRODSIM_OUTPUT": str(tmp_path / "nb"), "PRODSIM_CATALOG": str(SAMPLE_CATALOG),
+           "PRODSIM_PAIRS": str(ROOT / "data" / "sample" / "groups.csv")}
     for notebook in ("end_to_end.py", "explore.py"):
         done = subprocess.run([sys.executable, str(ROOT / "notebooks" / notebook)], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"{notebook}: {done.stderr[-3000:]}"
     assert io.read_delta(spark, str(tmp_path / "nb" / "neighbours")).count() == 308
+    assert "data-product-id" in (tmp_path / "nb" / "report.html").read_text(encoding="utf-8")
     assert "score" in done.stdout  # explore printed the breakdown table
