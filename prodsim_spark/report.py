@@ -128,6 +128,7 @@ def thumbnail(uri: str | None, size: int = 120) -> str | None:
 
     try:
         with _open_uri(uri) as f, Image.open(f) as im:
+            im.draft("RGB", (size, size))  # JPEGs decode at a reduced scale: a big photo costs little
             im.thumbnail((size, size))
             rgb = im.convert("RGBA")
             canvas = Image.new("RGBA", rgb.size, (255, 255, 255, 255))
