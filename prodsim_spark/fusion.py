@@ -61,6 +61,20 @@ def stack_vectors(values, dim: int) -> tuple[np.ndarray, np.ndarray]:
     return out, has
 
 
+ATTRIBUTES = {"brand": "brand", "category": "category", "price": "log_price"}  # component -> Products field
+
+
+def attribute_similarity(name: str, a: np.ndarray, b: np.ndarray, price_scale: float
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """(similarity, availability) of a structured component, elementwise over ``a`` and ``b``
+    broadcast (row-aligned pairs, or a[:, None] against b[None, :] for every pair): brand and category
+    codes agree (1/0, code -1 = missing); price proximity on log-price (NaN = missing)."""
+    if name == "price":
+        diff = np.abs(a - b)
+        return np.exp(-np.nan_to_num(diff, nan=0.0) / price_scale), ~np.isnan(diff)
+    return (a == b).astype(np.float32), (a >= 0) & (b >= 0)
+
+
 def pair_scores(q: Products, m: Products, weights: dict[str, float], price_scale: float):
     """(score, contributions) for every pair: (|q|, |m|) matrices; score is NaN where no component is shared."""
     sims, avail = {}, {}
@@ -68,15 +82,11 @@ def pair_scores(q: Products, m: Products, weights: dict[str, float], price_scale
         if weights.get(name, 0) > 0 and name in q.vectors and q.vectors[name].shape[1]:
             sims[name] = q.vectors[name] @ m.vectors[name].T
             avail[name] = np.outer(q.has[name], m.has[name])
-    for name in ("brand", "category"):
+    for name, field in ATTRIBUTES.items():
         if weights.get(name, 0) > 0:
-            a, b = getattr(q, name), getattr(m, name)
-            sims[name] = (a[:, None] == b[None, :]).astype(np.float32)
-            avail[name] = np.outer(a >= 0, b >= 0)
-    if weights.get("price", 0) > 0:
-        diff = np.abs(q.log_price[:, None] - m.log_price[None, :])
-        avail["price"] = ~np.isnan(diff)
-        sims["price"] = np.exp(-np.nan_to_num(diff, nan=0.0) / price_scale).astype(np.float32)
+            sim, avail[name] = attribute_similarity(name, getattr(q, field)[:, None], getattr(m, field)[None, :],
+                                                    price_scale)
+            sims[name] = sim.astype(np.float32)
     total = np.zeros((len(q), len(m)), dtype=np.float32)
     for name in sims:
         total += weights[name] * avail[name]

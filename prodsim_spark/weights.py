@@ -30,14 +30,10 @@ def pair_components(a: fusion.Products, b: fusion.Products, price_scale: float) 
             if name in a.vectors and a.vectors[name].shape[1]:
                 sims[:, j] = np.einsum("ij,ij->i", a.vectors[name], b.vectors[name])
                 avail[:, j] = a.has[name] & b.has[name]
-        elif name == "price":
-            diff = np.abs(a.log_price - b.log_price)
-            avail[:, j] = ~np.isnan(diff)
-            sims[:, j] = np.exp(-np.nan_to_num(diff, nan=0.0) / price_scale)
         else:
-            x, y = getattr(a, name), getattr(b, name)
-            avail[:, j] = (x >= 0) & (y >= 0)
-            sims[:, j] = x == y
+            field = fusion.ATTRIBUTES[name]
+            sims[:, j], avail[:, j] = fusion.attribute_similarity(name, getattr(a, field), getattr(b, field),
+                                                                  price_scale)
     return sims, avail
 
 
