@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from prodsim_spark import embed, encoders, ingest, io, join, lexical
@@ -93,14 +93,21 @@ def run_embed(spark: SparkSession, output: str, config: ProdsimConfig, result: R
     return result
 
 
+def join_products(catalog: DataFrame, embeddings: DataFrame, config: ProdsimConfig, *, with_lexical: bool
+                  ) -> DataFrame:
+    """The join's input, persisted: catalog attributes and embeddings, plus the lexical channel when
+    ``with_lexical`` and ``lexical.enabled`` (recomputed from the catalog: its IDF depends on all of it)."""
+    lexical_vectors = (lexical.lexical_vectors(catalog.where("status != 'rejected'"), config.lexical)
+                       if with_lexical and config.lexical.enabled else None)
+    return join.join_inputs(catalog, embeddings, lexical_vectors).persist()
+
+
 def run_join(spark: SparkSession, output: str, config: ProdsimConfig, result: RunResult) -> RunResult:
     catalog = io.read_delta(spark, table_path(output, "catalog"))
     embeddings = io.read_delta(spark, table_path(output, "embeddings"))
     path = table_path(output, "neighbours")
     with stage(spark, "join", f"top-{config.join.k} fused neighbours -> {path}"):
-        lexical_vectors = (lexical.lexical_vectors(catalog.where("status != 'rejected'"), config.lexical)
-                           if config.lexical.enabled and config.join.weights.lexical > 0 else None)
-        products = join.join_inputs(catalog, embeddings, lexical_vectors).persist()
+        products = join_products(catalog, embeddings, config, with_lexical=config.join.weights.lexical > 0)
         found = join.find_neighbours(products, config.join)
         io.write_delta(join.neighbours_table(catalog, found), path)
         products.unpersist()

@@ -18,7 +18,7 @@ import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from prodsim_spark import evaluate, fusion, io, join, lexical, weights
+from prodsim_spark import evaluate, fusion, io, join, lexical, pipeline, weights
 from prodsim_spark.config import ProdsimConfig
 from prodsim_spark.errors import CatalogError
 
@@ -56,11 +56,9 @@ def read_pairs(spark: SparkSession, path: str, left_col: str | None = None, righ
 
 def run_products(spark: SparkSession, output: str, config: ProdsimConfig) -> DataFrame:
     """The join's input for a finished run (catalog + embeddings + lexical channel), persisted."""
-    catalog = io.read_delta(spark, f"{output}/catalog")
-    embeddings = io.read_delta(spark, f"{output}/embeddings")
-    lex = (lexical.lexical_vectors(catalog.where("status != 'rejected'"), config.lexical)
-           if config.lexical.enabled else None)
-    return join.join_inputs(catalog, embeddings, lex).persist()
+    return pipeline.join_products(io.read_delta(spark, pipeline.table_path(output, "catalog")),
+                                  io.read_delta(spark, pipeline.table_path(output, "embeddings")), config,
+                                  with_lexical=True)
 
 
 def _weights_only(config: ProdsimConfig, keep: dict[str, float], k: int):
