@@ -35,8 +35,7 @@ setup_logging("INFO")
 config = load_config(overrides=[f"join.k={int(w.get('k'))}"])
 spark = get_session(config.spark)  # on Databricks: the cluster's session, unchanged
 catalog_path, output = w.get("catalog"), w.get("output")
-if "://" not in output and not output.startswith("dbfs:"):
-    output = os.path.abspath(output)
+output = io.resolve_path(output)  # local paths absolute, URIs unchanged
 
 # COMMAND ----------
 
@@ -67,8 +66,8 @@ assert neighbours.count() == catalog.count(), "every catalog row has a neighbour
 
 # COMMAND ----------
 
-if w.get("pairs"):
-    pairs = quality.read_pairs(spark, w.get("pairs"))
+pairs = quality.read_pairs(spark, w.get("pairs")) if w.get("pairs") else None
+if pairs is not None:
     print(evaluate.markdown_table({"neighbours": evaluate.metrics(neighbours, pairs)}))
 
 # COMMAND ----------
@@ -100,14 +99,12 @@ assert rows, "some products have neighbours"
 
 from prodsim_spark import report
 
-data = report.collect_report(catalog, neighbours, output=output, sample=10,
-                             pairs=quality.read_pairs(spark, w.get("pairs")) if w.get("pairs") else None)
+data = report.collect_report(catalog, neighbours, output=output, sample=10, pairs=pairs)
 page = report.render_html(data)
 try:
     displayHTML(page)  # noqa: F821 (Databricks)
 except NameError:
-    if "://" not in output and not output.startswith("dbfs:"):
-        with open(os.path.join(output, "report.html"), "w", encoding="utf-8") as f:
-            f.write(page)
-        print(f"report: {os.path.join(output, 'report.html')}")
+    if io.local_path(output) is not None:  # a local run; remote folders are Databricks' (displayHTML above)
+        report.write_html(page, output + "/report.html")
+        print(f"report: {output}/report.html")
 assert len(data.samples) == min(10, data.with_neighbours)

@@ -30,8 +30,7 @@ from prodsim_spark.session import get_session
 
 spark = get_session(load_config().spark)
 output = w.get("output")
-if "://" not in output and not output.startswith("dbfs:"):
-    output = os.path.abspath(output)
+output = io.resolve_path(output)  # local paths absolute, URIs unchanged
 catalog = io.read_delta(spark, output + "/catalog")
 neighbours = io.read_delta(spark, output + "/neighbours")
 product_id = w.get("product_id") or (

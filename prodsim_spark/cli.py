@@ -172,12 +172,13 @@ def _precheck_catalog(path: str, config: ProdsimConfig) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from prodsim_spark import io
     from prodsim_spark.pipeline import run_pipeline
     from prodsim_spark.session import get_session
 
     config = _config_from(args)
     _precheck_catalog(args.catalog, config)
-    output = _local(args.output)
+    output = io.resolve_path(args.output)
     spark = get_session(config.spark)
     result = run_pipeline(spark, args.catalog, output, config)
     print(f"\nprodsim run: {result.rows} catalog rows -> {output}")
@@ -217,6 +218,13 @@ def _print_samples(spark, neighbours_path: str, output: str, n: int = 3) -> None
             print(f"      {nb['score']:.3f} = {parts}  {nb['product_id']} {title.get(nb['product_id']) or ''!s:.40}")
 
 
+def _require_table(spark, path: str, hint: str) -> None:
+    from prodsim_spark import io
+
+    if not io.delta_table_exists(spark, path):
+        raise ConfigError(f"{path} is not a Delta table: {hint}")
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
     """One stage of the pipeline on a run folder (what the per-stage spark-submit jobs and the DAG call)."""
     from prodsim_spark import io, pipeline
@@ -225,12 +233,12 @@ def cmd_stage(args: argparse.Namespace) -> int:
     config = _config_from(args)
     if args.command == "ingest":
         _precheck_catalog(args.catalog, config)
-    output = _local(args.output)
+    output = io.resolve_path(args.output)
     spark = get_session(config.spark)
-    if args.command != "ingest" and not io.delta_table_exists(spark, pipeline.table_path(output, "catalog")):
-        raise ConfigError(f"{output}/catalog is not a Delta table: run 'prodsim ingest' (or 'prodsim run') first")
-    if args.command == "neighbours" and not io.delta_table_exists(spark, pipeline.table_path(output, "embeddings")):
-        raise ConfigError(f"{output}/embeddings is not a Delta table: run 'prodsim embed' first")
+    if args.command != "ingest":
+        _require_table(spark, pipeline.table_path(output, "catalog"), "run 'prodsim ingest' (or 'prodsim run') first")
+    if args.command == "neighbours":
+        _require_table(spark, pipeline.table_path(output, "embeddings"), "run 'prodsim embed' first")
     result = pipeline.RunResult(output=output)
     if args.command == "ingest":
         result = pipeline.run_ingest(spark, args.catalog, output, config)
@@ -288,10 +296,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local(path: str) -> str:
-    return path if "://" in path or path.startswith("dbfs:") else str(Path(path).resolve())
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
@@ -304,9 +308,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.ablation and not args.pairs:
         raise ConfigError("--ablation needs --pairs")
     spark = get_session(config.spark)
-    path = _local(args.neighbours)
-    if not io.delta_table_exists(spark, path):
-        raise ConfigError(f"--neighbours {path}: not a Delta table (expected <output>/neighbours of a run)")
+    path = io.resolve_path(args.neighbours)
+    _require_table(spark, path, "--neighbours expects <output>/neighbours of a run")
     if not args.pairs:
         found = evaluate.coverage(io.read_delta(spark, path))
         print(json.dumps(found, indent=2) if args.json else
@@ -331,13 +334,13 @@ def cmd_fit_weights(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from prodsim_spark import quality
+    from prodsim_spark import io, quality
     from prodsim_spark.session import get_session
 
     config = _config_from(args)
     spark = get_session(config.spark)
     pairs = quality.read_pairs(spark, args.pairs, args.left_col, args.right_col)
-    products = quality.run_products(spark, _local(args.output), config)
+    products = quality.run_products(spark, io.resolve_path(args.output), config)
     report = quality.fit_weights(products, quality.ablations(products, config), pairs, config)
     Path(args.write).parent.mkdir(parents=True, exist_ok=True)
     with open(args.write, "w", encoding="utf-8") as f:
@@ -359,11 +362,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ConfigError(f"--sample {args.sample}: give at least 1 product")
     if args.pairs and not Path(args.pairs).exists():
         raise ConfigError(f"--pairs {args.pairs}: no such file")
-    output = _local(args.output)
+    output = io.resolve_path(args.output)
     spark = get_session(config.spark)
     for name in ("catalog", "neighbours"):
-        if not io.delta_table_exists(spark, pipeline.table_path(output, name)):
-            raise ConfigError(f"{output}/{name} is not a Delta table: run 'prodsim run' first")
+        _require_table(spark, pipeline.table_path(output, name), "run 'prodsim run' first")
     target = args.html or pipeline.table_path(output, "report.html")
     with stage(spark, "report", f"{args.sample} sampled products -> {target}"):
         pairs = quality.read_pairs(spark, args.pairs, args.left_col, args.right_col) if args.pairs else None
@@ -371,20 +373,13 @@ def cmd_report(args: argparse.Namespace) -> int:
                                      io.read_delta(spark, pipeline.table_path(output, "neighbours")),
                                      output=output, sample=args.sample, seed=args.seed, pairs=pairs)
         page = report.render_html(data)
-        if "://" in target:
-            import fsspec
-
-            with fsspec.open(target, "w", encoding="utf-8") as f:
-                f.write(page)
-        else:
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            Path(target).write_text(page, encoding="utf-8")
+        report.write_html(page, target)
     print(f"prodsim report: {len(data.samples)} products with their neighbours, {len(page) // 1024} KiB -> {target}")
     return 0
 
 
-COMMANDS = {"run": cmd_run, "ingest": cmd_stage, "embed": cmd_stage, "neighbours": cmd_stage, "bench": cmd_bench, "evaluate": cmd_evaluate, "fit-weights": cmd_fit_weights,
-            "report": cmd_report}
+COMMANDS = {"run": cmd_run, "ingest": cmd_stage, "embed": cmd_stage, "neighbours": cmd_stage, "bench": cmd_bench,
+            "evaluate": cmd_evaluate, "fit-weights": cmd_fit_weights, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

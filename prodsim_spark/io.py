@@ -34,6 +34,12 @@ def local_path(path: str) -> Path | None:
     return None
 
 
+def resolve_path(path: str) -> str:
+    """A local path made absolute (Spark workers and Delta need no working directory); URIs
+    (``s3a://``, ``file://``, ``dbfs:/`` ...) unchanged."""
+    return path if "://" in path or path.startswith("dbfs:") else str(Path(path).resolve())
+
+
 def catalog_folder(path: str) -> str:
     """The folder that holds a catalog file (or the catalog folder itself), as an absolute URI/path."""
     local = local_path(path)

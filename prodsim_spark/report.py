@@ -67,8 +67,7 @@ def collect_report(catalog: DataFrame, neighbours: DataFrame, *, output: str = "
     lo = math.floor(min(stats["lo"] if stats["lo"] is not None else 0.0, 0.0) * 10) / 10
     hi = math.ceil(max(stats["hi"] if stats["hi"] is not None else 1.0, 1e-6) * 10) / 10
     hist_range = (lo, max(hi, lo + 0.1))
-    top1_hist = _histogram(listed.where("pos = 0").select(F.col("nb.score").alias("s")), *hist_range)
-    all_hist = _histogram(listed.select(F.col("nb.score").alias("s")), *hist_range)
+    top1_hist, all_hist = _histograms(listed, *hist_range)
 
     picked = (neighbours.where(F.size("neighbours") > 0)
               .orderBy(F.xxhash64(F.col("product_id"), F.lit(seed)), "product_id").limit(sample)
@@ -106,14 +105,18 @@ def collect_report(catalog: DataFrame, neighbours: DataFrame, *, output: str = "
                       without_neighbours=without, recall_curve=curve, pairs_queries=int(queries))
 
 
-def _histogram(scores: DataFrame, lo: float, hi: float) -> list[int]:
+def _histograms(listed: DataFrame, lo: float, hi: float) -> tuple[list[int], list[int]]:
+    """Counts per score bin of the first neighbours and of every neighbour, in one pass."""
     width = (hi - lo) / BINS
-    binned = scores.select(F.least(F.lit(BINS - 1), F.greatest(F.lit(0), F.floor((F.col("s") - lo) / width)))
-                           .cast("int").alias("b")).groupBy("b").count().collect()
-    out = [0] * BINS
+    binned = listed.select(
+        F.least(F.lit(BINS - 1), F.greatest(F.lit(0), F.floor((F.col("nb.score") - lo) / width))).cast("int").alias("b"),
+        (F.col("pos") == 0).alias("first")).groupBy("b", "first").count().collect()
+    top1, every = [0] * BINS, [0] * BINS
     for r in binned:
-        out[r["b"]] = int(r["count"])
-    return out
+        every[r["b"]] += int(r["count"])
+        if r["first"]:
+            top1[r["b"]] += int(r["count"])
+    return top1, every
 
 
 # ---------------------------------------------------------------- rendering (no Spark below)
@@ -219,6 +222,14 @@ def _score_bar(nb: dict) -> str:
         for c, v in parts if v > 0)
     return (f'<div class="score" title="{tip}"><div class="bar">{segments}</div>'
             f'<span class="value">{float(nb["score"]):.3f}</span></div>')
+
+
+def write_html(page: str, target: str) -> None:
+    """Write the page to a local path or any URI fsspec knows (folders are created)."""
+    import fsspec
+
+    with fsspec.open(target, "w", encoding="utf-8") as f:
+        f.write(page)
 
 
 def render_html(data: ReportData, *, thumb_size: int = 120) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 
-from prodsim_spark import cli, fusion, io
+from prodsim_spark import fusion, io
 from conftest import SAMPLE_CATALOG
 
 PRODSIM = str(Path(sys.executable).with_name("prodsim"))

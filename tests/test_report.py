@@ -2,9 +2,6 @@
 import re
 import shutil
 import subprocess
-from pathlib import Path
-
-import pytest
 
 from prodsim_spark import cli, report
 from prodsim_spark.fusion import COMPONENTS
