@@ -6,18 +6,11 @@
 #   must not move the job's pins. Wheels come from the same machine cache as .venv's.
 # * Debian's chromium, for the report's browser test (installed with apt-get once per machine).
 AIRFLOW_VENV="$ROOT/.venv-airflow"
-AIRFLOW_STAMP="$AIRFLOW_VENV/.prodsim-stamp"
 AIRFLOW_WANT="$(sha256sum "$ROOT/requirements-airflow.txt" | cut -d' ' -f1)"
-if [ ! -x "$AIRFLOW_VENV/bin/python" ] || [ "$(cat "$AIRFLOW_STAMP" 2>/dev/null)" != "$AIRFLOW_WANT" ]; then
+if ! is_current "$AIRFLOW_VENV" "$AIRFLOW_WANT"; then
   echo "prodsim: setting up $AIRFLOW_VENV for the Airflow DAG test" >&2
-  [ -x "$AIRFLOW_VENV/bin/python" ] || "$PYTHON" -m venv "$AIRFLOW_VENV"
-  "$AIRFLOW_VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
-  if ! "$AIRFLOW_VENV/bin/python" -m pip install -q --no-index --find-links "$WHEELHOUSE" \
-      -r "$ROOT/requirements-airflow.txt" 2>/dev/null; then
-    "$AIRFLOW_VENV/bin/python" -m pip wheel -q --find-links "$WHEELHOUSE" -r "$ROOT/requirements-airflow.txt" -w "$WHEELHOUSE"
-    "$AIRFLOW_VENV/bin/python" -m pip install -q --no-index --find-links "$WHEELHOUSE" -r "$ROOT/requirements-airflow.txt"
-  fi
-  echo "$AIRFLOW_WANT" > "$AIRFLOW_STAMP"
+  install_pinned "$AIRFLOW_VENV" "$ROOT/requirements-airflow.txt"
+  echo "$AIRFLOW_WANT" > "$AIRFLOW_VENV/.prodsim-stamp"
 fi
 export PRODSIM_AIRFLOW_PYTHON="$AIRFLOW_VENV/bin/python"
 
