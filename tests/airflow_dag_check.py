@@ -23,6 +23,8 @@ def main() -> None:
             "operators": {t.task_id: type(t).__name__ for t in dag.tasks},
             "retries": {t.task_id: t.retries for t in dag.tasks},
             "applications": {t.task_id: Path(t.application).name for t in dag.tasks},
+            "packages": {t.task_id: t.packages for t in dag.tasks},
+            "conf": {t.task_id: t.conf for t in dag.tasks},
             "schedule": str(getattr(dag, "schedule", None) or dag.timetable.summary),
             "catchup": dag.catchup,
             "max_active_runs": dag.max_active_runs,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from prodsim_spark import io
+from prodsim_spark.session import DELTA_EXTENSIONS, delta_maven_coordinates
 from conftest import ROOT, SAMPLE_CATALOG
 
 CHECK = ROOT / "tests" / "airflow_dag_check.py"
@@ -63,6 +64,11 @@ def test_dag_imports_and_has_the_documented_graph(airflow_home):
     assert set(found["operators"].values()) == {"SparkSubmitOperator"}
     assert found["applications"] == {"ingest": "ingest.py", "embed": "embed.py", "neighbours": "neighbours.py",
                                      "evaluate": "evaluate.py"}
+    # the DAG runs where prodsim_spark is not installed, so it spells out the Delta settings: the same
+    # as the library's (the package matching the pinned pyspark, the Delta SQL extension and catalog)
+    for task in found["downstream"]:
+        assert delta_maven_coordinates() in found["packages"][task]
+        assert DELTA_EXTENSIONS.items() <= found["conf"][task].items()
     assert all(r >= 1 for r in found["retries"].values())
     assert "daily" in found["schedule"] or "0 0 * * *" in found["schedule"]
     assert found["catchup"] is False and found["max_active_runs"] == 1
