@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from prodsim_spark.errors import ConfigError
 
-CANONICAL_COLUMNS = ("product_id", "title", "description", "brand", "category", "price", "image_uri")
+CANONICAL_COLUMNS = ("product_id", "title", "description", "brand", "category", "price", "image_uri", "source")
 CATALOG_FORMATS = ("auto", "csv", "parquet", "json", "delta")
 
 
@@ -48,6 +48,8 @@ class ColumnMapping(_Section):
     category: str = "category"
     price: str = "price"
     image_uri: str = "image_uri"
+    source: str = "source"
+    """Which feed, seller or shop listed the product (optional; see IngestSettings.source_id_separator)."""
 
 
 class IngestSettings(_Section):
@@ -62,6 +64,9 @@ class IngestSettings(_Section):
     max_description_chars: int = Field(default=5000, ge=1)
     image_root: Optional[str] = None
     """Base for relative image_uri values; None: the catalog's own folder."""
+    source_id_separator: Optional[str] = Field(default=":", min_length=1)
+    """A row without a source value takes the product_id's prefix before this separator as its source
+    (pooled catalogs: ``amazon:b000jz4hqo``, ``google:1234``); ids without it have no source. None: never."""
 
 
 class TextEncoderSettings(_Section):
@@ -163,6 +168,12 @@ class JoinSettings(_Section):
     (n x cells x dims work, on the executors); they matter for catalogs with many small groups, where
     a sample holds few products of each group. 0: sample centroids only (fast, lower recall)."""
     seed: int = 42
+    same_source_penalty: float = Field(default=0.3, ge=0, le=1)
+    """Subtracted from the fused score of two products of the same source (ingest's ``source``), when the
+    catalog has two or more sources. A feed lists a product once, so in a pooled catalog a near-twin
+    from the same feed is usually a sibling (another edition, size, bundle), and the other feeds'
+    listings of the same product should rank first. 0: rank by similarity alone (e.g. "similar items"
+    that may come from the same seller); larger: fewer same-source neighbours."""
 
 
 class ProdsimConfig(_Section):

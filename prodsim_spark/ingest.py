@@ -4,6 +4,10 @@ Nothing is dropped: each row leaves with ``status`` (ok / warn / rejected) and `
 reason codes below, ``;``-separated, null when ok). All of it is Spark SQL expressions, so it
 runs on the JVM at catalog scale with no Python UDF.
 
+``source`` (the feed or seller) comes from its column, else from the product_id prefix before
+``ingest.source_id_separator`` ("amazon:b000jz4hqo" -> "amazon"); the join penalises same-source pairs
+in catalogs of several sources.
+
 Reason codes (``rejected`` ones stop a product from being embedded and joined):
 
 =========================  ========  ===============================================================
@@ -36,7 +40,7 @@ from prodsim_spark.io import CORRUPT_RECORD, SOURCE_ROW
 log = logging.getLogger(__name__)
 
 REJECTING = ("malformed_row", "empty_row", "missing_product_id", "duplicate_product_id", "no_content")
-TEXT_FIELDS = ("title", "description", "brand", "category", "image_uri")
+TEXT_FIELDS = ("title", "description", "brand", "category", "image_uri", "source")
 STATUS_COLUMNS = ("status", "reason", SOURCE_ROW)
 # Control characters other than tab/newline/CR: they break downstream tokenisers and CSV exports.
 _CONTROL = r"[\x00-\x08\x0B\x0C\x0E-\x1F\x7F]"
@@ -85,14 +89,23 @@ def resolve_image_uri(uri: Column, image_root: str | None) -> Column:
     return F.when(relative, F.concat(F.lit(image_root.rstrip("/") + "/"), uri)).otherwise(uri)
 
 
+def source_from_id(product_id: Column, separator: str | None) -> Column:
+    """The id's prefix before the first ``separator`` ("amazon:b000jz4hqo" -> "amazon"); null without one."""
+    if not separator:
+        return F.lit(None).cast("string")
+    prefix = F.regexp_extract(product_id, r"^(.+?)\Q" + separator + r"\E.", 1)  # \Q..\E: the separator literally
+    return F.when(prefix != "", prefix)
+
+
 def validate_catalog(raw: DataFrame, settings: IngestSettings, *, image_root: str | None = None) -> DataFrame:
     """Map ``raw`` (source columns + ``source_row``) to the canonical schema with status and reason.
 
     ``image_root`` (default: ``settings.image_root``) is the base of relative ``image_uri`` values.
     """
     missing = check_columns([c for c in raw.columns if c not in (SOURCE_ROW, CORRUPT_RECORD)], settings)
-    if missing:
-        log.warning("catalog has no column for %s; filled with nulls", ", ".join(missing))
+    unfilled = [c for c in missing if not (c == "source" and settings.source_id_separator)]
+    if unfilled:
+        log.warning("catalog has no column for %s; filled with nulls", ", ".join(unfilled))
     mapping = settings.columns.model_dump()
     mapped_sources = set(mapping.values())
 
@@ -115,6 +128,7 @@ def validate_catalog(raw: DataFrame, settings: IngestSettings, *, image_root: st
         flag(F.length(out[field]) > limit, f"truncated_{field}")
         out[field] = F.substring(out[field], 1, limit)
 
+    out["source"] = F.coalesce(out["source"], source_from_id(out["product_id"], settings.source_id_separator))
     out["image_uri"] = resolve_image_uri(out["image_uri"], settings.image_root or image_root)
 
     raw_price = source("price")

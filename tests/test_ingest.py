@@ -121,6 +121,22 @@ def test_column_mapping_and_missing_optional_columns(spark, tmp_path):
     assert "name" not in df.columns and "id" not in df.columns  # mapped sources are not duplicated
 
 
+def test_source_from_its_column_or_the_id_prefix(spark, tmp_path):
+    path = tmp_path / "pooled.csv"
+    path.write_text("product_id,title,source\namazon:b000jz4hqo,clickart,\ngoogle:http://g.co/1,clickart 950,\n"
+                    "S1,shop item,shop-7\nB000X,no prefix,\n:x,empty prefix,\n")
+    rows, _ = ingest_rows(spark, path)
+    assert [rows[i]["source"] for i in range(5)] == ["amazon", "google", "shop-7", None, None]
+    assert rows[1]["product_id"] == "google:http://g.co/1"  # the id itself is kept whole
+    off = load_config(overrides=["ingest.source_id_separator=null"]).ingest
+    rows, _ = ingest_rows(spark, path, off)
+    assert [rows[i]["source"] for i in range(5)] == [None, None, "shop-7", None, None]
+    pipe = load_config(overrides=["ingest.source_id_separator='|'"]).ingest  # a regex character, taken literally
+    path.write_text("product_id,title\nfeed1|A,a\nB,b\n")
+    rows, _ = ingest_rows(spark, path, pipe)
+    assert (rows[0]["source"], rows[1]["source"]) == ("feed1", None)
+
+
 def test_missing_required_column_is_named():
     with pytest.raises(CatalogError) as err:
         check_columns(["sku", "title"], IngestSettings(), path="x.csv")
