@@ -49,7 +49,7 @@ me = info.get(product_id)
 print(f"{product_id}: {me['title'] if me else ''}  status={row['status']} reason={row['reason']}")
 breakdown = []
 for nb in row["neighbours"]:
-    parts = {c: round(nb[c], 3) for c in fusion.COMPONENTS}
+    parts = {c: round(nb[c], 3) for c in fusion.PARTS}
     other = info.get(nb["product_id"])
     breakdown.append({"neighbour": nb["product_id"], "title": other["title"] if other else None,
                       "score": round(nb["score"], 3), **parts})

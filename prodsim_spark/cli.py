@@ -208,13 +208,13 @@ def _print_samples(spark, neighbours_path: str, output: str, n: int = 3) -> None
     rows = (io.read_delta(spark, neighbours_path).where(F.size("neighbours") > 0)
             .orderBy("source_row").limit(n).collect())
     title = {r["product_id"]: r["title"] for r in titles.collect()}
-    from prodsim_spark.fusion import COMPONENTS
+    from prodsim_spark.fusion import PARTS
 
-    print(f"\nsample neighbours (score: {' + '.join(COMPONENTS)}):")
+    print(f"\nsample neighbours (score: {' + '.join(PARTS)}):")
     for r in rows:
         print(f"  {r['product_id']} {title.get(r['product_id']) or ''!s:.40}")
         for nb in r["neighbours"][:3]:
-            parts = " + ".join(f"{nb[c]:.2f}" for c in COMPONENTS)
+            parts = " + ".join(f"{nb[c]:.2f}" for c in PARTS)
             print(f"      {nb['score']:.3f} = {parts}  {nb['product_id']} {title.get(nb['product_id']) or ''!s:.40}")
 
 
@@ -272,7 +272,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             from prodsim_spark.evaluate import markdown_table
 
             print(markdown_table(result["methods"]))
-            print("learned weights per fold:", [f["weights"] for f in result["fits"]])
+            print("learned per fold:", [{**f["weights"], "same_source_penalty": f["same_source_penalty"]}
+                                        for f in result["fits"]])
         return 0
     if args.bench == "join":
         if args.scaling:
@@ -344,9 +345,10 @@ def cmd_fit_weights(args: argparse.Namespace) -> int:
     report = quality.fit_weights(products, quality.ablations(products, config), pairs, config)
     Path(args.write).parent.mkdir(parents=True, exist_ok=True)
     with open(args.write, "w", encoding="utf-8") as f:
-        f.write(f"# join.weights fitted by 'prodsim fit-weights' on {args.pairs} ({report['queries']} labelled "
-                f"products);\n# use with: prodsim run --conf {args.write} ...\n")
-        yaml.safe_dump({"join": {"weights": report["weights"]}}, f, sort_keys=False)
+        f.write(f"# join.weights and join.same_source_penalty fitted by 'prodsim fit-weights' on {args.pairs} "
+                f"({report['queries']} labelled products);\n# use with: prodsim run --conf {args.write} ...\n")
+        yaml.safe_dump({"join": {"weights": report["weights"], "same_source_penalty": report["same_source_penalty"]}},
+                       f, sort_keys=False)
     print(json.dumps(report, indent=2))
     print(f"weights written to {args.write}")
     return 0

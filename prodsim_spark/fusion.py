@@ -7,8 +7,10 @@ Fused score of a pair (q, m)::
 over the components c = text, image, lexical (cosine of L2-normalised vectors), brand, category (1 if
 equal, else 0) and price (exp(-|log p_q - log p_m| / price_scale)), where a_c is 1 when both
 products have component c. Renormalising over the components both products have keeps scores of
-text-only, image-only and full products on one scale. Each component's *contribution*
-``w_c * a_c * sim_c / sum w a`` is reported; the contributions add up to the score.
+text-only, image-only and full products on one scale. When two products come from the same source
+(feed, seller) of a catalog with several, ``same_source_penalty`` is subtracted (see
+``JoinSettings.same_source_penalty``). Each component's *contribution* ``w_c * a_c * sim_c / sum w a``
+is reported, and the penalty as the part ``same_source``; the parts add up to the score.
 
 For blocking, the dense modalities are folded into one vector ``[sqrt(w_t) t, sqrt(w_i) i, sqrt(w_l) l]``
 (unit-normalised): for two products with the same modalities its dot product is exactly their
@@ -22,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 DENSE = ("text", "image", "lexical")  # vector modalities: cosine similarity
-COMPONENTS = DENSE + ("brand", "category", "price")
+COMPONENTS = DENSE + ("brand", "category", "price")  # weighted components of the fused score
+PARTS = COMPONENTS + ("same_source",)  # what a score is the sum of: contributions, then the penalty (<= 0)
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Products:
     brand: np.ndarray                # (n,) int64 code, -1 missing
     category: np.ndarray             # (n,) int64 code, -1 missing
     log_price: np.ndarray            # (n,) float64, NaN missing
+    source: np.ndarray               # (n,) int64 code, -1 missing
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -42,7 +46,7 @@ class Products:
     def take(self, idx) -> "Products":
         return Products(self.ids[idx], {k: v[idx] for k, v in self.vectors.items()},
                         {k: v[idx] for k, v in self.has.items()}, self.brand[idx], self.category[idx],
-                        self.log_price[idx])
+                        self.log_price[idx], self.source[idx])
 
 
 def stack_vectors(values, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -75,8 +79,15 @@ def attribute_similarity(name: str, a: np.ndarray, b: np.ndarray, price_scale: f
     return (a == b).astype(np.float32), (a >= 0) & (b >= 0)
 
 
-def pair_scores(q: Products, m: Products, weights: dict[str, float], price_scale: float):
-    """(score, contributions) for every pair: (|q|, |m|) matrices; score is NaN where no component is shared."""
+def same_source(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Elementwise (broadcast like attribute_similarity): both sources known (code >= 0) and equal."""
+    return (a == b) & (a >= 0)
+
+
+def pair_scores(q: Products, m: Products, weights: dict[str, float], price_scale: float,
+                same_source_penalty: float = 0.0):
+    """(score, parts) for every pair: (|q|, |m|) matrices, parts by name (see PARTS; only those in
+    play); score is NaN where no component is shared."""
     sims, avail = {}, {}
     for name in DENSE:
         if weights.get(name, 0) > 0 and name in q.vectors and q.vectors[name].shape[1]:
@@ -93,6 +104,9 @@ def pair_scores(q: Products, m: Products, weights: dict[str, float], price_scale
     with np.errstate(invalid="ignore", divide="ignore"):
         inv = np.where(total > 0, 1.0 / total, np.nan).astype(np.float32)
     contributions = {name: (weights[name] * avail[name] * sims[name] * inv).astype(np.float32) for name in sims}
+    if same_source_penalty > 0:
+        contributions["same_source"] = np.where(same_source(q.source[:, None], m.source[None, :]),
+                                                np.float32(-same_source_penalty), np.float32(0))
     score = np.zeros_like(total)
     for c in contributions.values():
         score += c

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 NEIGHBOUR = T.StructType([
     T.StructField("product_id", T.StringType()), T.StructField("score", T.FloatType()),
-    *[T.StructField(c, T.FloatType()) for c in fusion.COMPONENTS]])
+    *[T.StructField(c, T.FloatType()) for c in fusion.PARTS]])
 
 
 def _code(col: Column) -> Column:
@@ -49,9 +49,11 @@ def join_inputs(catalog: DataFrame, embeddings: DataFrame, lexical: DataFrame | 
     """Products that can be joined: not rejected, with their embeddings (and lexical vectors, when
     given) and structured attributes."""
     live = embeddings.where("removed_at IS NULL").select("product_id", "text_embedding", "image_embedding")
+    # catalogs written before the source column existed have none: no source, no penalty
+    source = F.col("source") if "source" in catalog.columns else F.lit(None).cast("string")
     products = (catalog.where("status != 'rejected'")
                 .select("product_id", _code(F.col("brand")).alias("brand"), _code(F.col("category")).alias("category"),
-                        F.when(F.col("price") > 0, F.log("price")).alias("log_price"))
+                        F.when(F.col("price") > 0, F.log("price")).alias("log_price"), _code(source).alias("source"))
                 .join(live, "product_id", "inner"))
     return products if lexical is None else products.join(lexical, "product_id", "left")
 
@@ -60,19 +62,24 @@ def _vector_col(name: str) -> str:
     return f"{name}_embedding"
 
 
-def _dims(products: DataFrame) -> tuple[dict[str, int], int]:
-    """Each vector modality's dimension (0: absent) and the product count, in one pass."""
+def _dims(products: DataFrame) -> tuple[dict[str, int], int, bool]:
+    """Each vector modality's dimension (0: absent), the product count, and whether the products
+    come from two or more sources, in one pass."""
     present = [m for m in fusion.DENSE if _vector_col(m) in products.columns]
+    known = (F.when(F.col("source") >= 0, F.col("source")) if "source" in products.columns
+             else F.lit(None).cast("long"))
     row = products.select(*[F.max(F.size(_vector_col(m))).alias(m) for m in present],
-                          F.count("*").alias("n")).first()
-    return {m: max(int(row[m] or 0), 0) if m in present else 0 for m in fusion.DENSE}, int(row["n"])
+                          F.count("*").alias("n"), F.min(known).alias("lo"), F.max(known).alias("hi")).first()
+    dims = {m: max(int(row[m] or 0), 0) if m in present else 0 for m in fusion.DENSE}
+    return dims, int(row["n"]), row["lo"] is not None and row["lo"] != row["hi"]
 
 
 def _products(pdf: pd.DataFrame, vectors: dict[str, tuple[np.ndarray, np.ndarray]]) -> fusion.Products:
     return fusion.Products(pdf["product_id"].to_numpy(dtype=object), {m: v[0] for m, v in vectors.items()},
                            {m: v[1] for m, v in vectors.items()},
                            pdf["brand"].to_numpy(dtype=np.int64), pdf["category"].to_numpy(dtype=np.int64),
-                           pdf["log_price"].to_numpy(dtype=np.float64, na_value=np.nan))
+                           pdf["log_price"].to_numpy(dtype=np.float64, na_value=np.nan),
+                           pdf["source"].to_numpy(dtype=np.int64))
 
 
 def _from_arrays(pdf: pd.DataFrame, dims: dict[str, int]) -> fusion.Products:
@@ -98,7 +105,7 @@ ROUTED_SCHEMA = T.StructType([
     T.StructField("product_id", T.StringType()),
     *[T.StructField(f"{m}_vec", T.BinaryType()) for m in fusion.DENSE],
     T.StructField("brand", T.LongType()), T.StructField("category", T.LongType()),
-    T.StructField("log_price", T.DoubleType())])
+    T.StructField("log_price", T.DoubleType()), T.StructField("source", T.LongType())])
 # per product: its neighbours as parallel arrays (assembled into structs on the JVM, which is cheaper
 # than building Python dicts per neighbour)
 LISTS_SCHEMA = T.StructType([T.StructField("product_id", T.StringType()),
@@ -107,19 +114,19 @@ QUERY_CHUNK = 1024  # queries scored at a time: bounds memory to QUERY_CHUNK x m
 
 
 def score_cell(pdf: pd.DataFrame, dims: dict[str, int], weights: dict[str, float], price_scale: float,
-               k: int) -> pd.DataFrame:
+               k: int, same_source_penalty: float = 0.0) -> pd.DataFrame:
     """One cell: every product whose home it is, against every product stored in it; best k each."""
     members = _from_routed(pdf, dims)
     query_rows = np.flatnonzero(pdf["home"].to_numpy(dtype=bool))
     out: dict[str, list] = {f: [] for f in LISTS_SCHEMA.fieldNames()}
     for start in range(0, len(query_rows), QUERY_CHUNK):
         q = members.take(query_rows[start:start + QUERY_CHUNK])
-        score, parts = fusion.pair_scores(q, members, weights, price_scale)
+        score, parts = fusion.pair_scores(q, members, weights, price_scale, same_source_penalty)
         rows, cols = fusion.top_k(score, q.ids, members.ids, k)
         bounds = np.searchsorted(rows, np.arange(len(q) + 1))
         values = {"product_id": members.ids[cols], "score": score[rows, cols],
                   **{c: parts[c][rows, cols] if c in parts else np.zeros(len(rows), np.float32)
-                     for c in fusion.COMPONENTS}}
+                     for c in fusion.PARTS}}
         out["product_id"].extend(q.ids)
         for name, v in values.items():
             out[f"n_{name}"].extend(np.split(v, bounds[1:-1]))
@@ -157,14 +164,16 @@ def find_neighbours(products: DataFrame, settings: JoinSettings) -> DataFrame:
     for m in fusion.DENSE:
         if _vector_col(m) not in products.columns:
             products = products.withColumn(_vector_col(m), F.lit(None).cast("array<float>"))
-    for col, typ in (("brand", "long"), ("category", "long"), ("log_price", "double")):
+    for col, typ in (("brand", "long"), ("category", "long"), ("log_price", "double"), ("source", "long")):
         if col not in products.columns:
             products = products.withColumn(col, F.lit(None if col == "log_price" else -1).cast(typ))
     products = products.select("product_id", *[_vector_col(m) for m in fusion.DENSE], "brand", "category",
-                               "log_price")
+                               "log_price", "source")
     weights = settings.weights.model_dump()
     started = time.perf_counter()
-    dims, n_total = _dims(products)
+    dims, n_total, several_sources = _dims(products)
+    # one source (or none known): the penalty would lower every score alike and change no ranking
+    penalty = settings.same_source_penalty if several_sources else 0.0
     if n_total == 0:
         return spark.createDataFrame([], T.StructType([T.StructField("product_id", T.StringType()),
                                                         T.StructField("neighbours", T.ArrayType(NEIGHBOUR))]))
@@ -181,6 +190,9 @@ def find_neighbours(products: DataFrame, settings: JoinSettings) -> DataFrame:
     log.info("[join] %d products, %d cells (block_size %d, max %d), spill %d; planned in %.1f s",
              n_total, len(centroids), settings.block_size, settings.max_block_size, settings.spill,
              time.perf_counter() - started)
+    if several_sources:
+        log.info("[join] products come from several sources: same-source pairs score %.2f lower "
+                 "(join.same_source_penalty)", penalty)
     spill, hard, k, scale = settings.spill, settings.category_mode == "hard", settings.k, settings.price_scale
 
     # 2. route: each product to its `spill` nearest cells; the nearest is its home, where it is searched
@@ -194,7 +206,7 @@ def find_neighbours(products: DataFrame, settings: JoinSettings) -> DataFrame:
                 "product_id": pdf["product_id"].to_numpy(),
                 **{f"{m}_vec": [v.tobytes() if h else None for v, h in zip(p.vectors[m], p.has[m])]
                    for m in fusion.DENSE},
-                "brand": p.brand, "category": p.category, "log_price": p.log_price})
+                "brand": p.brand, "category": p.category, "log_price": p.log_price, "source": p.source})
             copies = flat.loc[flat.index.repeat(cells.shape[1])].assign(
                 cell=cells.reshape(-1).astype(np.int64), home=np.tile(np.arange(cells.shape[1]) == 0, len(flat)))
             yield copies[ROUTED_SCHEMA.fieldNames()]
@@ -203,7 +215,7 @@ def find_neighbours(products: DataFrame, settings: JoinSettings) -> DataFrame:
     # list is final there: no merge shuffle, and every product gets a row.
     keys = ["cell", "category"] if hard else ["cell"]
     lists = (products.mapInPandas(route, ROUTED_SCHEMA).groupBy(*keys)
-             .applyInPandas(lambda pdf: score_cell(pdf, dims, weights, scale, k), LISTS_SCHEMA))
+             .applyInPandas(lambda pdf: score_cell(pdf, dims, weights, scale, k, penalty), LISTS_SCHEMA))
     return lists.select("product_id", F.transform("n_product_id", lambda _, i: F.struct(
         *[F.col(f"n_{f}")[i].alias(f) for f in NEIGHBOUR.fieldNames()])).alias("neighbours"))
 

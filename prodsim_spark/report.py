@@ -22,13 +22,13 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from prodsim_spark import evaluate
-from prodsim_spark.fusion import COMPONENTS
+from prodsim_spark.fusion import PARTS
 
 log = logging.getLogger(__name__)
 
 # one colour per component, used by the bars, the legend and the plots
 COLOURS = {"text": "#4e79a7", "image": "#f28e2b", "lexical": "#59a14f", "brand": "#b07aa1",
-           "category": "#9c755f", "price": "#e15759"}
+           "category": "#9c755f", "price": "#e15759", "same_source": "#79706e"}
 BINS = 40
 INFO_COLUMNS = ("product_id", "title", "brand", "category", "price", "image_uri")
 
@@ -63,7 +63,7 @@ def collect_report(catalog: DataFrame, neighbours: DataFrame, *, output: str = "
 
     listed = neighbours.select("product_id", F.posexplode("neighbours").alias("pos", "nb"))
     stats = listed.agg(F.min("nb.score").alias("lo"), F.max("nb.score").alias("hi"),
-                       *[F.avg(f"nb.{c}").alias(c) for c in COMPONENTS]).first()
+                       *[F.avg(f"nb.{c}").alias(c) for c in PARTS]).first()
     lo = math.floor(min(stats["lo"] if stats["lo"] is not None else 0.0, 0.0) * 10) / 10
     hi = math.ceil(max(stats["hi"] if stats["hi"] is not None else 1.0, 1e-6) * 10) / 10
     hist_range = (lo, max(hi, lo + 0.1))
@@ -80,7 +80,7 @@ def collect_report(catalog: DataFrame, neighbours: DataFrame, *, output: str = "
     # "brand", "category", "price" share names with catalog fields)
     samples = [{"product": info.get(r["product_id"], {"product_id": r["product_id"]}),
                 "neighbours": [{**info.get(nb["product_id"], {"product_id": nb["product_id"]}),
-                                "score": nb["score"], "parts": {c: nb[c] for c in COMPONENTS}}
+                                "score": nb["score"], "parts": {c: nb[c] for c in PARTS}}
                                for nb in r["neighbours"]]} for r in picked]
     without = [r.asDict() for r in neighbours.where(F.size("neighbours") == 0)
                .orderBy("source_row").select("product_id", "source_row", "status", "reason").limit(10).collect()]
@@ -101,7 +101,7 @@ def collect_report(catalog: DataFrame, neighbours: DataFrame, *, output: str = "
     return ReportData(output=output, rows=int(counts["rows"]), with_neighbours=int(counts["with"] or 0),
                       status=status, reasons=reasons, samples=samples, top1_hist=top1_hist, all_hist=all_hist,
                       hist_range=hist_range,
-                      component_means={c: float(stats[c] or 0.0) for c in COMPONENTS},
+                      component_means={c: float(stats[c] or 0.0) for c in PARTS},
                       without_neighbours=without, recall_curve=curve, pairs_queries=int(queries))
 
 
@@ -174,7 +174,7 @@ def plots(data: ReportData) -> dict[str, str]:
     out["scores"] = _png(fig)
 
     fig, ax = plt.subplots(figsize=(6.4, 2.4))
-    names = list(COMPONENTS)
+    names = list(PARTS)
     ax.barh(names, [data.component_means[c] for c in names], color=[COLOURS[c] for c in names])
     ax.invert_yaxis()
     ax.set_xlabel("mean contribution to a neighbour's score")
@@ -215,7 +215,7 @@ def _card(item: dict, thumbs: dict, extra: str = "", css: str = "card") -> str:
 
 def _score_bar(nb: dict) -> str:
     """A bar as wide as the score, split into the component contributions (negative parts are listed in the tooltip)."""
-    parts = [(c, float(nb["parts"].get(c) or 0.0)) for c in COMPONENTS]
+    parts = [(c, float(nb["parts"].get(c) or 0.0)) for c in PARTS]
     tip = "&#10;".join(f"{c}: {v:+.3f}" for c, v in parts)
     segments = "".join(
         f'<span class="seg" data-component="{c}" style="width:{max(v, 0) * 100:.1f}%;background:{COLOURS[c]}"></span>'
@@ -238,7 +238,7 @@ def render_html(data: ReportData, *, thumb_size: int = 120) -> str:
     thumbs = {u: thumbnail(u, thumb_size) for u in sorted(u for u in uris if u)}
     figures = plots(data)
     legend = "".join(f'<span class="key"><span class="swatch" style="background:{COLOURS[c]}"></span>{c}</span>'
-                     for c in COMPONENTS)
+                     for c in PARTS)
     rows = []
     for s in data.samples:
         cards = "".join(_card(nb, thumbs, _score_bar(nb), "card neighbour") for nb in s["neighbours"])

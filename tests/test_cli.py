@@ -73,7 +73,7 @@ def test_run_on_sample_catalog_keeps_every_row(spark, sample_run):
         assert 0 < len(nbs) <= 10 and all(nb["product_id"] != r["product_id"] for nb in nbs)
         assert [nb["score"] for nb in nbs] == sorted((nb["score"] for nb in nbs), reverse=True)
         for nb in nbs:  # the component scores add up to the score
-            parts = sum(nb[c] for c in fusion.COMPONENTS)
+            parts = sum(nb[c] for c in fusion.PARTS)
             assert parts == pytest.approx(nb["score"], abs=1e-5)
     assert "sample neighbours" in printed
     # X900's image is a truncated JPEG: no image vector, but text neighbours and the reason kept

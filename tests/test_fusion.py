@@ -6,13 +6,14 @@ from prodsim_spark import fusion
 W = {"text": 1.0, "image": 1.0, "brand": 0.5, "category": 0.0, "price": 0.0}
 
 
-def products(ids, text=None, image=None, brand=None, category=None, price=None):
+def products(ids, text=None, image=None, brand=None, category=None, price=None, source=None):
     n = len(ids)
     t, ht = fusion.stack_vectors(text or [None] * n, 2)
     i, hi = fusion.stack_vectors(image or [None] * n, 2)
     return fusion.Products(np.array(ids, dtype=object), {"text": t, "image": i}, {"text": ht, "image": hi},
                            np.array(brand or [-1] * n, dtype=np.int64), np.array(category or [-1] * n, dtype=np.int64),
-                           np.log(np.array([np.nan if p is None else p for p in (price or [None] * n)], dtype=float)))
+                           np.log(np.array([np.nan if p is None else p for p in (price or [None] * n)], dtype=float)),
+                           np.array(source or [-1] * n, dtype=np.int64))
 
 
 def test_scores_known_by_hand():
@@ -41,6 +42,21 @@ def test_price_term():
     p = products(["a", "b"], text=[[1, 0], [1, 0]], price=[10.0, 20.0])
     score, parts = fusion.pair_scores(p, p, {"text": 1, "price": 1}, 0.5)
     assert np.isclose(parts["price"][0, 1], np.exp(-np.log(2) / 0.5) / 2, atol=1e-6)
+
+
+def test_same_source_penalty_is_a_part_of_the_score():
+    # a, b from source 1; c from source 2; d has no known source
+    p = products(["a", "b", "c", "d"], text=[[1, 0], [0.8, 0.6], [0.6, 0.8], [0, 1]], source=[1, 1, 2, -1])
+    plain, _ = fusion.pair_scores(p, p, {"text": 1}, 0.5)
+    score, parts = fusion.pair_scores(p, p, {"text": 1}, 0.5, same_source_penalty=0.3)
+    assert np.isclose(score[0, 1], plain[0, 1] - 0.3) and np.isclose(parts["same_source"][0, 1], -0.3)
+    assert np.isclose(score[0, 2], plain[0, 2])  # other source: untouched
+    assert np.isclose(score[0, 3], plain[0, 3]) and np.isclose(score[3, 3], plain[3, 3])  # unknown: untouched
+    assert np.allclose(sum(parts.values()), score)  # the penalty is one of the parts that add up
+    # the other source's product now ranks first for a, though b is more similar
+    _, idx = fusion.top_k(score[[0]], p.ids[[0]], p.ids, 1)
+    assert p.ids[idx][0] == "c" and plain[0, 1] > plain[0, 2]
+    assert "same_source" not in fusion.pair_scores(p, p, {"text": 1}, 0.5)[1]  # off by default
 
 
 def test_top_k_excludes_self_and_breaks_ties_by_id():

@@ -52,6 +52,23 @@ def test_recall_close_to_exact_without_all_pairs(spark, skewed):
     assert recall_against_exact(found, x, ids, 10) >= 0.95
 
 
+def test_same_source_penalty_only_when_the_catalog_has_several_sources(spark):
+    ids, vecs = ["a", "b", "c"], [[1, 0], [0.95, 0.312], [0.8, 0.6]]
+
+    def lists(sources):
+        rows = [(i, [float(x) for x in v], s) for i, v, s in zip(ids, vecs, sources)]
+        df = spark.createDataFrame(rows, "product_id string, text_embedding array<float>, source long")
+        return {r["product_id"]: r["neighbours"] for r in join.find_neighbours(df, load_config(overrides=TEXT_ONLY).join).collect()}
+
+    pooled = lists([1, 1, 2])  # a and b from one feed, c from another
+    assert [n["product_id"] for n in pooled["a"]] == ["c", "b"]  # b is nearer, but a sibling in a's own feed
+    b = pooled["a"][1]
+    assert b["same_source"] == pytest.approx(-0.3) and b["score"] == pytest.approx(b["text"] - 0.3, abs=1e-6)
+    single = lists([1, 1, 1])  # one feed: the penalty would change no ranking, and is not applied
+    assert [n["product_id"] for n in single["a"]] == ["b", "c"]
+    assert all(n["same_source"] == 0 and n["score"] == pytest.approx(n["text"]) for n in single["a"])
+
+
 def test_hard_category_constraint(spark):
     rng = np.random.default_rng(2)
     x = rng.normal(size=(200, 8)).astype(np.float32)
@@ -79,7 +96,7 @@ def test_a_cell_with_no_home_products_returns_an_empty_frame_arrow_can_convert()
 
     routed = pd.DataFrame({"cell": [0], "home": [False], "product_id": ["a"], "text_vec": [np.ones(2, np.float32).tobytes()],
                            "image_vec": [None], "lexical_vec": [None], "brand": [-1], "category": [-1],
-                           "log_price": [np.nan]})
+                           "log_price": [np.nan], "source": [-1]})
     out = join.score_cell(routed, {"text": 2, "image": 0, "lexical": 0}, {"text": 1.0}, 0.5, 5)
     assert len(out) == 0
     pa.Array.from_pandas(out["n_product_id"], type=pa.list_(pa.string()))  # raised before the fix

@@ -4,7 +4,7 @@ import shutil
 import subprocess
 
 from prodsim_spark import cli, report
-from prodsim_spark.fusion import COMPONENTS
+from prodsim_spark.fusion import PARTS
 from conftest import ROOT
 
 GROUPS = ROOT / "data" / "sample" / "groups.csv"
@@ -21,11 +21,11 @@ def test_score_bar_splits_the_score_into_positive_components():
 
 def test_page_is_self_contained_and_escapes_catalog_text():
     nb = {"product_id": "n1", "title": "Milk <b>", "brand": "Arla", "price": 1.25, "score": 0.5,
-          "parts": {c: 0.5 / len(COMPONENTS) for c in COMPONENTS}}
+          "parts": {c: 0.5 / len(PARTS) for c in PARTS}}
     data = report.ReportData(output="o", rows=2, with_neighbours=1, status={"ok": 2}, reasons={},
                              samples=[{"product": {"product_id": "p1", "title": "Tom & Jerry"}, "neighbours": [nb]}],
                              top1_hist=[1] + [0] * (report.BINS - 1), all_hist=[1] + [0] * (report.BINS - 1),
-                             hist_range=(0.0, 1.0), component_means={c: 0.1 for c in COMPONENTS},
+                             hist_range=(0.0, 1.0), component_means={c: 0.1 for c in PARTS},
                              recall_curve=[(1, 0.5), (2, 1.0)], pairs_queries=2)
     page = report.render_html(data)
     assert "Tom &amp; Jerry" in page and "Milk &lt;b&gt;" in page
