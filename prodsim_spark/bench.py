@@ -281,8 +281,11 @@ def bench_quality(spark, config: ProdsimConfig, dataset: str, data: Path, work: 
     if dataset == "amazon-google":
         from prodsim_spark import io
 
-        methods["tf-idf baseline"] = evaluate.metrics(
-            quality.tfidf_baseline(io.read_delta(spark, output + "/catalog"), config, k), pairs)
+        catalog_table = io.read_delta(spark, output + "/catalog")
+        methods["tf-idf baseline"] = evaluate.metrics(quality.tfidf_baseline(catalog_table, config, k), pairs)
+        if config.join.same_source_penalty > 0:  # the baseline given the same knowledge of sources
+            methods["tf-idf + same-source penalty"] = evaluate.metrics(
+                quality.tfidf_baseline(catalog_table, config, k, config.join.same_source_penalty), pairs)
     lists = quality.ablations(products, config, k)
     for name, df in lists.items():
         methods[name] = evaluate.metrics(df, pairs)

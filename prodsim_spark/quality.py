@@ -62,34 +62,45 @@ def run_products(spark: SparkSession, output: str, config: ProdsimConfig) -> Dat
 
 
 def _weights_only(config: ProdsimConfig, keep: dict[str, float], k: int):
-    settings = config.join.model_copy(update={"k": k})
+    settings = config.join.model_copy(update={"k": k, "same_source_penalty": 0.0})
     settings.weights = settings.weights.model_copy(update={c: keep.get(c, 0.0) for c in fusion.COMPONENTS})
     return settings
 
 
 def ablations(products: DataFrame, config: ProdsimConfig, k: int = 20) -> dict[str, DataFrame]:
-    """Neighbour lists per method: each vector component alone (where the catalog has it), and fused."""
-    dims, _ = join._dims(products)
+    """Neighbour lists per method: each vector component alone (where the catalog has it, similarity
+    only), fused as configured, and, for a catalog of several sources, fused without the same-source
+    penalty (what the penalty adds)."""
+    dims, _, several_sources = join._dims(products)
     out = {}
     for name in fusion.DENSE:
         if dims.get(name) and config.join.weights.model_dump()[name] > 0:
             out[f"{name} alone"] = join.find_neighbours(products, _weights_only(config, {name: 1.0}, k)).persist()
+    if several_sources and config.join.same_source_penalty > 0:
+        out["fused, no same-source penalty"] = join.find_neighbours(
+            products, config.join.model_copy(update={"k": k, "same_source_penalty": 0.0})).persist()
     out["fused"] = join.find_neighbours(products, config.join.model_copy(update={"k": k})).persist()
     return out
 
 
-def tfidf_baseline(catalog: DataFrame, config: ProdsimConfig, k: int = 20) -> DataFrame:
+def tfidf_baseline(catalog: DataFrame, config: ProdsimConfig, k: int = 20, same_source_penalty: float = 0.0
+                   ) -> DataFrame:
     """A plain character n-gram TF-IDF (scikit-learn, char_wb 3-5 grams, sublinear tf, exact cosine on
-    the driver) over the same fields as the lexical channel: the baseline the issue names."""
+    the driver) over the same fields as the lexical channel: the baseline the issue names. With
+    ``same_source_penalty``, same-source pairs score that much lower, as in the join: the baseline
+    given the same knowledge of sources as the fused score."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    pdf = lexical.lexical_text(catalog.where("status != 'rejected'"), config.lexical).toPandas()
+    live = catalog.where("status != 'rejected'")
+    pdf = lexical.lexical_text(live, config.lexical).join(live.select("product_id", "source"), "product_id").toPandas()
     x = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True).fit_transform(
         pdf["lexical_text"].fillna(""))
     ids = pdf["product_id"].to_numpy(dtype=object)
+    source = pd.factorize(pdf["source"], use_na_sentinel=True)[0]  # -1: no source
     rows = []
     for start in range(0, len(ids), 1000):
         sims = (x[start:start + 1000] @ x.T).toarray()
+        sims -= same_source_penalty * fusion.same_source(source[start:start + 1000, None], source[None, :])
         r, c = fusion.top_k(sims, ids[start:start + 1000], ids, k)
         bounds = np.searchsorted(r, np.arange(len(sims) + 1))
         for i in range(len(sims)):
@@ -137,9 +148,11 @@ def fit_weights(products: DataFrame, lists: dict[str, DataFrame], pairs: DataFra
     index = pd.Index(p.ids)
     qi, mi = index.get_indexer(cand["query"]), index.get_indexer(cand["match"])
     ok = (qi >= 0) & (mi >= 0)
-    sims, avail = weights.pair_components(p.take(qi[ok]), p.take(mi[ok]), config.join.price_scale)
+    a, b = p.take(qi[ok]), p.take(mi[ok])
+    sims, avail = weights.pair_components(a, b, config.join.price_scale)
     return weights.fit(sims, avail, qi[ok], cand["positive"].to_numpy(dtype=bool)[ok],
-                       config.join.weights.model_dump())
+                       config.join.weights.model_dump(), same=fusion.same_source(a.source, b.source),
+                       start_penalty=config.join.same_source_penalty)
 
 
 def cross_validated(products: DataFrame, lists: dict[str, DataFrame], pairs: DataFrame, config: ProdsimConfig,
@@ -152,7 +165,7 @@ def cross_validated(products: DataFrame, lists: dict[str, DataFrame], pairs: Dat
     for held_out in (0, 1):
         train = pairs.where((fold("left_id") != held_out) & (fold("right_id") != held_out))
         report = fit_weights(products, lists, train, config)
-        settings = config.join.model_copy(update={"k": k})
+        settings = config.join.model_copy(update={"k": k, "same_source_penalty": report["same_source_penalty"]})
         settings.weights = settings.weights.model_copy(update=report["weights"])
         found = join.find_neighbours(products, settings)
         queries = products.select("product_id").where(fold("product_id") == held_out)

@@ -54,6 +54,24 @@ def test_fit_recovers_the_informative_component():
     assert report["loss_after"] < report["loss_before"]
 
 
+def test_fit_learns_a_same_source_penalty_when_siblings_outrank_matches():
+    rng = np.random.default_rng(1)
+    n_q, per = 300, 8
+    query = np.repeat(np.arange(n_q), per)
+    positive = np.tile(np.arange(per) == 0, n_q)
+    same = np.tile(np.arange(per) >= per // 2, n_q)  # half the candidates share the query's source; no match does
+    sims = rng.uniform(0.3, 0.7, size=(n_q * per, len(fusion.COMPONENTS)))
+    sims[same] += 0.15  # same-source siblings look more alike than the other source's listing
+    avail = np.ones_like(sims, dtype=bool)
+    start = {c: 1.0 for c in fusion.COMPONENTS}
+    report = weights.fit(sims, avail, query, positive, start, same=same, start_penalty=0.0)
+    assert 0.1 < report["same_source_penalty"] <= 1.0
+    assert report["loss_after"] < report["loss_before"]
+    # no same-source candidates: nothing to learn it from, it keeps its start value
+    assert weights.fit(sims, avail, query, positive, start, same=np.zeros_like(same),
+                       start_penalty=0.3)["same_source_penalty"] == 0.3
+
+
 def test_evaluate_command_on_a_run(spark, tmp_path, capsys):
     from prodsim_spark import io
 
