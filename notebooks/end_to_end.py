@@ -26,16 +26,18 @@ w.text("k", "10", "Neighbours per product")
 
 # COMMAND ----------
 
-from prodsim_spark import evaluate, io, pipeline, quality
+from prodsim_spark import evaluate, io, pipeline
 from prodsim_spark.config import load_config
 from prodsim_spark.progress import setup_logging
 from prodsim_spark.session import get_session
+from prodsim_spark.tables import CATALOG, NEIGHBOURS, RunTables
 
 setup_logging("INFO")
 config = load_config(overrides=[f"join.k={int(w.get('k'))}"])
 spark = get_session(config.spark)  # on Databricks: the cluster's session, unchanged
-catalog_path, output = w.get("catalog"), w.get("output")
-output = io.resolve_path(output)  # local paths absolute, URIs unchanged
+catalog_path = w.get("catalog")
+tables = RunTables.at(w.get("output"))  # the run's folder and table paths (local paths made absolute)
+output = tables.output
 
 # COMMAND ----------
 
@@ -45,7 +47,7 @@ output = io.resolve_path(output)  # local paths absolute, URIs unchanged
 
 result = pipeline.run_ingest(spark, catalog_path, output, config)
 print(result.status, result.reasons)
-catalog = io.read_delta(spark, result.tables["catalog"])
+catalog = tables.read(spark, CATALOG)
 catalog.groupBy("status").count().show()
 
 # COMMAND ----------
@@ -57,7 +59,7 @@ catalog.groupBy("status").count().show()
 pipeline.run_embed(spark, output, config, result)
 pipeline.run_join(spark, output, config, result)
 print(result.embed, result.join)
-neighbours = io.read_delta(spark, result.tables["neighbours"])
+neighbours = tables.read(spark, NEIGHBOURS)
 assert neighbours.count() == catalog.count(), "every catalog row has a neighbours row"
 
 # COMMAND ----------
@@ -66,9 +68,9 @@ assert neighbours.count() == catalog.count(), "every catalog row has a neighbour
 
 # COMMAND ----------
 
-pairs = quality.read_pairs(spark, w.get("pairs")) if w.get("pairs") else None
+pairs = io.read_pairs(spark, w.get("pairs")) if w.get("pairs") else None
 if pairs is not None:
-    print(evaluate.markdown_table({"neighbours": evaluate.metrics(neighbours, pairs)}))
+    print(evaluate.markdown_table({"neighbours": evaluate.metrics(neighbours, pairs, cutoffs=config.evaluate.cutoffs)}))
 
 # COMMAND ----------
 
@@ -105,6 +107,6 @@ try:
     displayHTML(page)  # noqa: F821 (Databricks)
 except NameError:
     if io.local_path(output) is not None:  # a local run; remote folders are Databricks' (displayHTML above)
-        report.write_html(page, output + "/report.html")
-        print(f"report: {output}/report.html")
+        report.write_html(page, tables.report_html)
+        print(f"report: {tables.report_html}")
 assert len(data.samples) == min(10, data.with_neighbours)

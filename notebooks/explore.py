@@ -24,15 +24,15 @@ w.text("product_id", "", "Product to look at (empty: the first with neighbours)"
 
 from pyspark.sql import functions as F
 
-from prodsim_spark import fusion, io
+from prodsim_spark import fusion
 from prodsim_spark.config import load_config
 from prodsim_spark.session import get_session
+from prodsim_spark.tables import CATALOG, NEIGHBOURS, RunTables
 
 spark = get_session(load_config().spark)
-output = w.get("output")
-output = io.resolve_path(output)  # local paths absolute, URIs unchanged
-catalog = io.read_delta(spark, output + "/catalog")
-neighbours = io.read_delta(spark, output + "/neighbours")
+tables = RunTables.at(w.get("output"))  # the run's folder and table paths (local paths made absolute)
+catalog = tables.read(spark, CATALOG)
+neighbours = tables.read(spark, NEIGHBOURS)
 product_id = w.get("product_id") or (
     neighbours.where(F.size("neighbours") > 0).orderBy("source_row").first()["product_id"])
 
@@ -43,7 +43,7 @@ product_id = w.get("product_id") or (
 # COMMAND ----------
 
 row = neighbours.where(F.col("product_id") == product_id).first()
-assert row is not None, f"{product_id} is not in {output}/neighbours"
+assert row is not None, f"{product_id} is not in {tables.neighbours}"
 info = {r["product_id"]: r for r in catalog.select("product_id", "title", "brand", "price").collect()}
 me = info.get(product_id)
 print(f"{product_id}: {me['title'] if me else ''}  status={row['status']} reason={row['reason']}")

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
-from prodsim_spark.config import CATALOG_FORMATS, ProdsimConfig, load_config
-from prodsim_spark.errors import ConfigError, ProdsimError
+from prodsim_spark.config import CATALOG_FORMATS, ProdsimConfig, load_config, parse_override
+from prodsim_spark.errors import ConfigError, InputError, ProdsimError
 
 log = logging.getLogger("prodsim_spark.cli")
 
 _EXIT_USAGE = 2
+# command-line flags that are shorthands for one config key each
+_FLAG_KEYS = {"format": "ingest.format", "k": "join.k"}
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "queries, time extrapolated to all N), and at N <= 20,000 Spark MLlib "
                     "BucketedRandomProjectionLSH self-join + per-item top-K. Recall is against exact.")
     b_join.add_argument("--n", type=int, default=20000, help="products")
-    b_join.add_argument("--k", type=int, default=10, help="neighbours per product")
+    b_join.add_argument("--k", type=int, default=None, help="neighbours per product (sets join.k; default: join.k)")
     b_join.add_argument("--d", type=int, default=384, help="vector dimension")
     b_join.add_argument("--sample", type=int, default=2000, help="queries checked against exact search")
     b_join.add_argument("--mllib", choices=["auto", "yes", "no"], default="auto",
@@ -110,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         "quality", help="match quality on a labelled benchmark (amazon-google or grocery)",
         description="Builds the benchmark catalog, runs ingest + embed, then measures recall@k/MRR of a character "
                     "n-gram TF-IDF baseline, each modality alone, the fused default and fused with learned weights "
-                    "(two-fold cross-validated), all in one run.")
+                    "(two-fold cross-validated), all in one run. benchmarks/quality.yaml (join.k: 20) is layered "
+                    "under --conf/--set.")
     b_quality.add_argument("--dataset", choices=["amazon-google", "grocery"], required=True)
     b_quality.add_argument("--data", required=True, metavar="DIR", help="the dataset's folder")
     b_quality.add_argument("--work", default="out/quality", metavar="DIR", help="scratch folder for tables")
@@ -119,10 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "evaluate", help="recall@k and MRR of a neighbours table against labelled pairs",
-        description="For labelled match pairs (both directions): recall@1/5/10/20, MRR and precision@k of the "
-                    "neighbours table; with --ablation, also each modality alone and fused, recomputed from the "
-                    "run's catalog and embeddings tables (siblings of the neighbours table).")
-    ev.add_argument("--neighbours", required=True, metavar="DIR", help="a neighbours Delta table (<output>/neighbours)")
+        description="For labelled match pairs (both directions): recall@k (k in evaluate.cutoffs), MRR and "
+                    "precision@k of the neighbours table; with --ablation, also each modality alone and fused, "
+                    "recomputed from the run's catalog and embeddings tables.")
+    which = ev.add_mutually_exclusive_group(required=True)
+    which.add_argument("--output", metavar="DIR", help="a run's output folder (its neighbours table is evaluated)")
+    which.add_argument("--neighbours", metavar="DIR", help="a neighbours Delta table (<output>/neighbours)")
     _add_pairs_args(ev, "without it (or empty), only coverage: rows with lists, list length, top score")
     ev.add_argument("--ablation", action="store_true", help="also each modality alone (re-runs the join)")
     ev.add_argument("--json", action="store_true")
@@ -151,13 +157,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_from(args: argparse.Namespace) -> ProdsimConfig:
+def _config_from(args: argparse.Namespace, base_conf: list[Path] | None = None) -> ProdsimConfig:
+    """The config of one command: defaults <- ``base_conf`` (a benchmark's own settings) <- --conf files
+    <- --set overrides <- flags that set one key each (--format, --k). A flag and a --set of the same
+    key that disagree are an error, not a silent override."""
     # an empty --conf "" (what a scheduler renders for an unset option) means no file
     args.conf = [c for c in args.conf if c and c.strip()]
     overrides = list(args.overrides)
-    if getattr(args, "format", None):
-        overrides.append(f"ingest.format={args.format}")
-    return load_config(args.conf, overrides)
+    for flag, key in _FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        for item in args.overrides:
+            parts, set_value = parse_override(item)
+            if ".".join(parts) == key and set_value != value:
+                raise ConfigError(f"--{flag} {value} and --set {item} disagree; give one of them")
+        overrides.append(f"{key}={value}")
+    return load_config([*(base_conf or []), *args.conf], overrides)
 
 
 def _precheck_catalog(path: str, config: ProdsimConfig) -> None:
@@ -171,17 +187,33 @@ def _precheck_catalog(path: str, config: ProdsimConfig) -> None:
         check_columns(columns, config.ingest, path=path)
 
 
+def _precheck_models(config: ProdsimConfig) -> None:
+    """Fail before Spark starts when an enabled encoder's model folder or weights file is missing."""
+    from prodsim_spark import encoders
+
+    if config.embed.text.enabled:
+        encoders.text_encoder_id(config.embed.text)
+    if config.embed.image.enabled:
+        encoders.image_encoder_id(config.embed.image)
+
+
+def _precheck_pairs(path: str | None) -> None:
+    if path and not Path(path).is_file():
+        raise InputError("labelled pairs file does not exist (--pairs)", path=path)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from prodsim_spark import io
     from prodsim_spark.pipeline import run_pipeline
     from prodsim_spark.session import get_session
+    from prodsim_spark.tables import RunTables
 
     config = _config_from(args)
     _precheck_catalog(args.catalog, config)
-    output = io.resolve_path(args.output)
+    _precheck_models(config)
+    tables = RunTables.at(args.output)
     spark = get_session(config.spark)
-    result = run_pipeline(spark, args.catalog, output, config)
-    print(f"\nprodsim run: {result.rows} catalog rows -> {output}")
+    result = run_pipeline(spark, args.catalog, tables.output, config)
+    print(f"\nprodsim run: {result.rows} catalog rows -> {tables.output}")
     print("  status:  " + ", ".join(f"{k} {v}" for k, v in result.status.items()))
     for code, count in result.reasons.items():
         print(f"  reason:  {code:<24} {count}")
@@ -193,23 +225,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  join:    {result.join['with_neighbours']} of {result.join['rows']} rows have neighbours")
     for name, path in result.tables.items():
         print(f"  table:   {name:<12} {path}")
-    if "neighbours" in result.tables:
-        _print_samples(spark, result.tables["neighbours"], output)
+    if result.join:
+        _print_samples(spark, tables)
     return 0
 
 
-def _print_samples(spark, neighbours_path: str, output: str, n: int = 3) -> None:
+def _print_samples(spark, tables, n: int = 3) -> None:
     from pyspark.sql import functions as F
 
-    from prodsim_spark import io
-
-    titles = io.read_delta(spark, output.rstrip("/") + "/catalog").where("status != 'rejected'") \
-        .select("product_id", "title")
-    rows = (io.read_delta(spark, neighbours_path).where(F.size("neighbours") > 0)
-            .orderBy("source_row").limit(n).collect())
-    title = {r["product_id"]: r["title"] for r in titles.collect()}
     from prodsim_spark.fusion import PARTS
+    from prodsim_spark.tables import CATALOG, NEIGHBOURS, live_catalog
 
+    title = {r["product_id"]: r["title"] for r in
+             live_catalog(tables.read(spark, CATALOG)).select("product_id", "title").collect()}
+    rows = (tables.read(spark, NEIGHBOURS).where(F.size("neighbours") > 0)
+            .orderBy("source_row").limit(n).collect())
     print(f"\nsample neighbours (score: {' + '.join(PARTS)}):")
     for r in rows:
         print(f"  {r['product_id']} {title.get(r['product_id']) or ''!s:.40}")
@@ -218,54 +248,63 @@ def _print_samples(spark, neighbours_path: str, output: str, n: int = 3) -> None
             print(f"      {nb['score']:.3f} = {parts}  {nb['product_id']} {title.get(nb['product_id']) or ''!s:.40}")
 
 
-def _require_table(spark, path: str, hint: str) -> None:
-    from prodsim_spark import io
-
-    if not io.delta_table_exists(spark, path):
-        raise ConfigError(f"{path} is not a Delta table: {hint}")
-
-
 def cmd_stage(args: argparse.Namespace) -> int:
     """One stage of the pipeline on a run folder (what the per-stage spark-submit jobs and the DAG call)."""
-    from prodsim_spark import io, pipeline
+    from prodsim_spark import pipeline
     from prodsim_spark.session import get_session
+    from prodsim_spark.tables import CATALOG, EMBEDDINGS, RunTables
 
     config = _config_from(args)
     if args.command == "ingest":
         _precheck_catalog(args.catalog, config)
-    output = io.resolve_path(args.output)
+    if args.command == "embed":
+        _precheck_models(config)
+    tables = RunTables.at(args.output)
     spark = get_session(config.spark)
-    if args.command != "ingest":
-        _require_table(spark, pipeline.table_path(output, "catalog"), "run 'prodsim ingest' (or 'prodsim run') first")
-    if args.command == "neighbours":
-        _require_table(spark, pipeline.table_path(output, "embeddings"), "run 'prodsim embed' first")
-    result = pipeline.RunResult(output=output)
+    needs = {"ingest": (), "embed": (CATALOG,), "neighbours": (CATALOG, EMBEDDINGS)}[args.command]
+    tables.require(spark, *needs)
+    result = pipeline.RunResult(output=tables.output)
     if args.command == "ingest":
-        result = pipeline.run_ingest(spark, args.catalog, output, config)
-        print(f"prodsim ingest: {result.rows} rows -> {result.tables['catalog']}: "
+        result = pipeline.run_ingest(spark, args.catalog, tables.output, config)
+        print(f"prodsim ingest: {result.rows} rows -> {tables.catalog}: "
               + ", ".join(f"{k} {v}" for k, v in result.status.items()))
     elif args.command == "embed":
-        pipeline.run_embed(spark, output, config, result)
-        print(f"prodsim embed: {result.embed} -> {result.tables['embeddings']}")
+        pipeline.run_embed(spark, tables.output, config, result)
+        print(f"prodsim embed: {result.embed} -> {tables.embeddings}")
     else:
-        pipeline.run_join(spark, output, config, result)
+        pipeline.run_join(spark, tables.output, config, result)
         print(f"prodsim neighbours: {result.join['with_neighbours']} of {result.join['rows']} rows have "
-              f"neighbours -> {result.tables['neighbours']}")
+              f"neighbours -> {tables.neighbours}")
     return 0
+
+
+def _benchmarks_package():
+    """The ``benchmarks`` package of this checkout: it lives beside the library, not in its wheel."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "benchmarks" / "__init__.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        import benchmarks
+    except ImportError:
+        raise ConfigError("the benchmarks live in the repository's benchmarks/ folder, which the installed "
+                          "package does not include: run 'prodsim bench' from a checkout") from None
+    return benchmarks
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from prodsim_spark import bench
     from prodsim_spark.session import get_session
 
     if args.bench is None:
-        raise ConfigError("prodsim bench: say what to benchmark: prodsim bench embed")
-    config = _config_from(args)
-    spark = get_session(config.spark)
+        raise ConfigError("say what to benchmark: prodsim bench embed|join|quality")
+    _benchmarks_package()
     if args.bench == "quality":
-        result = bench.bench_quality(spark, config, args.dataset, Path(args.data), Path(args.work))
+        from benchmarks import quality
+
+        config = _config_from(args, base_conf=[quality.DEFAULTS])
+        spark = get_session(config.spark)
+        result = quality.bench_quality(spark, config, args.dataset, Path(args.data), Path(args.work))
         if args.json:
             print(json.dumps(result, indent=2))
         else:
@@ -275,17 +314,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print("learned per fold:", [{**f["weights"], "same_source_penalty": f["same_source_penalty"]}
                                         for f in result["fits"]])
         return 0
+    config = _config_from(args)
+    spark = get_session(config.spark)
     if args.bench == "join":
+        from benchmarks import join as bench_join
+
         if args.scaling:
-            result = bench.bench_scaling(spark, config, k=args.k)
+            result = bench_join.bench_scaling(spark, config)
         else:
             mllib = {"auto": None, "yes": True, "no": False}[args.mllib]
-            result = bench.bench_join(spark, config, n=args.n, k=args.k, d=args.d, sample=args.sample, mllib=mllib,
-                                      mllib_bucket_length=args.mllib_bucket_length, mllib_tables=args.mllib_tables,
-                                      repeats=args.repeats)
+            result = bench_join.bench_join(spark, config, n=args.n, d=args.d, sample=args.sample, mllib=mllib,
+                                           mllib_bucket_length=args.mllib_bucket_length,
+                                           mllib_tables=args.mllib_tables, repeats=args.repeats)
         print(json.dumps(result, indent=2) if args.json else result)
         return 0
-    result = bench.bench_embed(spark, config, rows=args.rows, image_rows=args.image_rows, repeats=args.repeats)
+    from benchmarks import embed as bench_embed
+
+    result = bench_embed.bench_embed(spark, config, rows=args.rows, image_rows=args.image_rows, repeats=args.repeats)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -300,29 +345,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from prodsim_spark import evaluate, io, quality
+    from prodsim_spark import evaluate, io, pipeline
     from prodsim_spark.session import get_session
+    from prodsim_spark.tables import NEIGHBOURS, RunTables
 
     config = _config_from(args)
-    if args.pairs and not Path(args.pairs).exists():
-        raise ConfigError(f"--pairs {args.pairs}: no such file")
+    _precheck_pairs(args.pairs)
     if args.ablation and not args.pairs:
         raise ConfigError("--ablation needs --pairs")
+    if args.output:
+        tables, name = RunTables.at(args.output), NEIGHBOURS
+    else:  # a neighbours table by its path: its run folder is the folder that holds it
+        tables = RunTables.of_table(args.neighbours)
+        name = args.neighbours.rstrip("/").rsplit("/", 1)[-1]
     spark = get_session(config.spark)
-    path = io.resolve_path(args.neighbours)
-    _require_table(spark, path, "--neighbours expects <output>/neighbours of a run")
+    neighbours = tables.read(spark, name)
     if not args.pairs:
-        found = evaluate.coverage(io.read_delta(spark, path))
+        found = evaluate.coverage(neighbours)
         print(json.dumps(found, indent=2) if args.json else
               "\n".join(f"{k:<30} {v}" for k, v in found.items()))
         return 0
-    pairs = quality.read_pairs(spark, args.pairs, args.left_col, args.right_col)
-    results = {"neighbours table": evaluate.metrics(io.read_delta(spark, path), pairs)}
+    pairs = io.read_pairs(spark, args.pairs, args.left_col, args.right_col)
+    cutoffs = config.evaluate.cutoffs
+    results = {"neighbours table": evaluate.metrics(neighbours, pairs, cutoffs=cutoffs)}
     if args.ablation:
-        output = path.rstrip("/").rsplit("/", 1)[0]
-        products = quality.run_products(spark, output, config)
-        for name, lists in quality.ablations(products, config).items():
-            results[name] = evaluate.metrics(lists, pairs)
+        products = pipeline.run_products(spark, tables.output, config)
+        for method, lists in evaluate.ablations(products, config).items():
+            results[method] = evaluate.metrics(lists, pairs, cutoffs=cutoffs)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -333,47 +382,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_fit_weights(args: argparse.Namespace) -> int:
     import json
 
-    import yaml
-
-    from prodsim_spark import io, quality
+    from prodsim_spark import evaluate, io, pipeline, weights
+    from prodsim_spark.config import write_config
     from prodsim_spark.session import get_session
 
     config = _config_from(args)
+    _precheck_pairs(args.pairs)
     spark = get_session(config.spark)
-    pairs = quality.read_pairs(spark, args.pairs, args.left_col, args.right_col)
-    products = quality.run_products(spark, io.resolve_path(args.output), config)
-    report = quality.fit_weights(products, quality.ablations(products, config), pairs, config)
-    Path(args.write).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.write, "w", encoding="utf-8") as f:
-        f.write(f"# join.weights and join.same_source_penalty fitted by 'prodsim fit-weights' on {args.pairs} "
-                f"({report['queries']} labelled products);\n# use with: prodsim run --conf {args.write} ...\n")
-        yaml.safe_dump({"join": {"weights": report["weights"], "same_source_penalty": report["same_source_penalty"]}},
-                       f, sort_keys=False)
+    pairs = io.read_pairs(spark, args.pairs, args.left_col, args.right_col)
+    products = pipeline.run_products(spark, args.output, config)
+    report = weights.fit_on_lists(products, evaluate.ablations(products, config), pairs, config)
+    write_config(args.write, weights.fitted_config(report),
+                 f"join.weights and join.same_source_penalty fitted by 'prodsim fit-weights' on {args.pairs} "
+                 f"({report['queries']} labelled products);\nuse with: prodsim run --conf {args.write} ...")
     print(json.dumps(report, indent=2))
     print(f"weights written to {args.write}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from prodsim_spark import io, pipeline, quality, report
+    from prodsim_spark import io, report
     from prodsim_spark.progress import stage
     from prodsim_spark.session import get_session
+    from prodsim_spark.tables import CATALOG, NEIGHBOURS, RunTables
 
     config = _config_from(args)
     if args.sample < 1:
         raise ConfigError(f"--sample {args.sample}: give at least 1 product")
-    if args.pairs and not Path(args.pairs).exists():
-        raise ConfigError(f"--pairs {args.pairs}: no such file")
-    output = io.resolve_path(args.output)
+    _precheck_pairs(args.pairs)
+    tables = RunTables.at(args.output)
     spark = get_session(config.spark)
-    for name in ("catalog", "neighbours"):
-        _require_table(spark, pipeline.table_path(output, name), "run 'prodsim run' first")
-    target = args.html or pipeline.table_path(output, "report.html")
+    tables.require(spark, CATALOG, NEIGHBOURS)
+    target = args.html or tables.report_html
     with stage(spark, "report", f"{args.sample} sampled products -> {target}"):
-        pairs = quality.read_pairs(spark, args.pairs, args.left_col, args.right_col) if args.pairs else None
-        data = report.collect_report(io.read_delta(spark, pipeline.table_path(output, "catalog")),
-                                     io.read_delta(spark, pipeline.table_path(output, "neighbours")),
-                                     output=output, sample=args.sample, seed=args.seed, pairs=pairs)
+        pairs = io.read_pairs(spark, args.pairs, args.left_col, args.right_col) if args.pairs else None
+        data = report.collect_report(tables.read(spark, CATALOG), tables.read(spark, NEIGHBOURS),
+                                     output=tables.output, sample=args.sample, seed=args.seed, pairs=pairs)
         page = report.render_html(data)
         report.write_html(page, target)
     print(f"prodsim report: {len(data.samples)} products with their neighbours, {len(page) // 1024} KiB -> {target}")
@@ -382,6 +426,23 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "ingest": cmd_stage, "embed": cmd_stage, "neighbours": cmd_stage, "bench": cmd_bench,
             "evaluate": cmd_evaluate, "fit-weights": cmd_fit_weights, "report": cmd_report}
+
+# a ProdsimError raised inside a Spark task reaches the driver as the text of a PythonException
+_TASK_ERROR = re.compile(r"prodsim_spark\.errors\.(\w+): (.+)")
+
+
+def _error_from_task(exc: Exception) -> ProdsimError | None:
+    """The ProdsimError a Python worker raised (e.g. a weights file that does not fit the model), or None."""
+    from prodsim_spark import errors
+
+    if type(exc).__name__ != "PythonException":
+        return None
+    found = _TASK_ERROR.findall(str(exc))
+    if not found:
+        return None
+    name, message = found[-1]
+    error = getattr(errors, name, ProdsimError)(message.strip())
+    return error if isinstance(error, ProdsimError) else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -392,13 +453,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return _EXIT_USAGE
+    name = args.command + (f" {args.bench}" if getattr(args, "bench", None) else "")
     setup_logging(args.log_level)
     set_progress(getattr(args, "progress", "off"))
     try:
         return COMMANDS[args.command](args)
     except ProdsimError as exc:
-        print(f"prodsim {args.command}: error: {exc}", file=sys.stderr)
+        print(f"prodsim {name}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:
+        error = _error_from_task(exc)
+        if error is None:
+            raise
+        print(f"prodsim {name}: error: {error}", file=sys.stderr)
+        return error.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,11 +7,12 @@ as YAML scalars (``yaml.safe_load``), never evaluated as code.
 """
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from prodsim_spark.errors import ConfigError
 
@@ -19,9 +20,23 @@ CANONICAL_COLUMNS = ("product_id", "title", "description", "brand", "category", 
 CATALOG_FORMATS = ("auto", "csv", "parquet", "json", "delta")
 
 
+def _is_number(annotation: Any) -> bool:
+    if annotation in (int, float):
+        return True
+    return typing.get_origin(annotation) is typing.Union and any(a in (int, float) for a in typing.get_args(annotation))
+
+
 class _Section(BaseModel):
     # Unknown keys are errors, not silently ignored: a typo in a config must not pass unnoticed.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info) -> Any:
+        # pydantic reads true as 1: `--set join.k=true` must be an error, not k=1
+        if isinstance(value, bool) and _is_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number, got a boolean")
+        return value
 
 
 class SparkSettings(_Section):
@@ -124,6 +139,25 @@ class FusionWeights(_Section):
     lexical: float = Field(default=1.0, ge=0)
     """Cosine of the lexical channel (character n-grams and word tokens; see LexicalSettings)."""
 
+    @model_validator(mode="after")
+    def _some_weight(self) -> "FusionWeights":
+        if not any(self.as_dict().values()):
+            raise ValueError("every weight is 0 (" + ", ".join(type(self).model_fields)
+                             + "): every score would be 0; give at least one component a weight above 0")
+        return self
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: float(getattr(self, name)) for name in type(self).model_fields}
+
+    def replaced(self, **weights: float) -> "FusionWeights":
+        """A validated copy with some weights changed (an unknown component name is an error)."""
+        return FusionWeights.model_validate({**self.as_dict(), **weights})
+
+    @classmethod
+    def only(cls, **weights: float) -> "FusionWeights":
+        """These components with these weights, every other component 0."""
+        return cls.model_validate({**{name: 0.0 for name in cls.model_fields}, **weights})
+
 
 class LexicalSettings(_Section):
     """The lexical channel: hashed TF-IDF of character n-grams and words (prodsim_spark/lexical.py)."""
@@ -175,6 +209,39 @@ class JoinSettings(_Section):
     listings of the same product should rank first. 0: rank by similarity alone (e.g. "similar items"
     that may come from the same seller); larger: fewer same-source neighbours."""
 
+    @model_validator(mode="after")
+    def _cells_fit(self) -> "JoinSettings":
+        if self.block_size > self.max_block_size:
+            raise ValueError(f"join.block_size ({self.block_size}) is larger than join.max_block_size "
+                             f"({self.max_block_size}): every cell would be split again; raise max_block_size "
+                             f"or lower block_size")
+        return self
+
+    def replaced(self, **changes: Any) -> "JoinSettings":
+        """A validated copy with some settings changed; ``weights`` may be a FusionWeights or a dict of
+        the components to change. Used wherever a join runs with other weights or K than configured
+        (ablations, the weight fit, benchmarks)."""
+        data = self.model_dump()
+        weights = changes.pop("weights", None)
+        if isinstance(weights, FusionWeights):
+            data["weights"] = weights.as_dict()
+        elif weights is not None:
+            data["weights"] = self.weights.replaced(**weights).as_dict()
+        return JoinSettings.model_validate({**data, **changes})
+
+
+class EvaluateSettings(_Section):
+    cutoffs: list[int] = Field(default_factory=lambda: [1, 5, 10, 20], min_length=1)
+    """The k of recall@k and precision@k that evaluations report. The lists themselves have join.k
+    entries: a cut-off above join.k counts only what the lists hold."""
+
+    @field_validator("cutoffs")
+    @classmethod
+    def _positive_sorted(cls, value: list[int]) -> list[int]:
+        if any(k < 1 for k in value):
+            raise ValueError("cut-offs are ranks, 1 or more")
+        return sorted(set(value))
+
 
 class ProdsimConfig(_Section):
     spark: SparkSettings = Field(default_factory=SparkSettings)
@@ -182,6 +249,7 @@ class ProdsimConfig(_Section):
     embed: EmbedSettings = Field(default_factory=EmbedSettings)
     lexical: LexicalSettings = Field(default_factory=LexicalSettings)
     join: JoinSettings = Field(default_factory=JoinSettings)
+    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,8 +332,10 @@ def _explain(exc: ValidationError, source: str) -> str:
         elif err["type"] in ("literal_error", "enum"):
             expected = err.get("ctx", {}).get("expected", "")
             lines.append(f"config key '{key}': invalid value {err.get('input')!r}; allowed values: {expected}")
+        elif isinstance(err.get("input"), dict):  # a check across keys: its message names them
+            lines.append(f"config key '{key}': {err['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"config key '{key}': {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"config key '{key}': {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})")
     return f"invalid configuration ({source}):\n  " + "\n  ".join(lines)
 
 
@@ -288,3 +358,15 @@ def load_config(conf_files: list[str | Path] | None = None, overrides: list[str]
 
 def dump_config(config: ProdsimConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def write_config(path: str | Path, partial: dict[str, Any], comment: str = "") -> None:
+    """Write ``partial`` (some sections and keys, e.g. fitted weights) as a YAML config file for
+    ``--conf``, after checking that it validates over the defaults; ``comment`` becomes # lines on top."""
+    try:
+        ProdsimConfig.model_validate(partial)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, f"writing {path}")) from None
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    header = "".join(f"# {line}\n" for line in comment.splitlines())
+    Path(path).write_text(header + yaml.safe_dump(partial, sort_keys=False), encoding="utf-8")

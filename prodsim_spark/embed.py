@@ -38,6 +38,7 @@ from pyspark.sql import types as T
 
 from prodsim_spark.config import EmbedSettings, ImageEncoderSettings, TextEncoderSettings
 from prodsim_spark.encoders import EncoderStats
+from prodsim_spark.tables import live_catalog
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ class EmbedPlan:
 def plan_embeddings(catalog: DataFrame, existing: DataFrame | None, settings: EmbedSettings,
                     text_encoder: str | None, image_encoder: str | None) -> EmbedPlan:
     """Decide per product what to (re)encode: new product, changed content hash, or new encoder id."""
-    current = catalog.where(F.col("status") != "rejected").select(
+    current = live_catalog(catalog).select(
         "product_id",
         (compose_text(settings.text.template, settings.text.description_chars)
          if text_encoder else F.lit(None).cast("string")).alias("text"),

@@ -15,6 +15,7 @@ import importlib.util
 import io
 import logging
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,22 +24,60 @@ from typing import Sequence
 import numpy as np
 
 from prodsim_spark.config import ImageEncoderSettings, TextEncoderSettings
+from prodsim_spark.errors import ModelError
+from prodsim_spark.io import open_uri
 
 log = logging.getLogger(__name__)
 
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "org/name"
 
-def resolve_location(location: str) -> str:
-    """``pkg:module/sub/path`` -> the file or folder inside that installed package; else unchanged."""
+
+def resolve_location(location: str, key: str = "model") -> str:
+    """``pkg:module/sub/path`` -> the file or folder inside that installed package; else unchanged.
+    ``key`` is the config key that named it, for the error."""
     if not location.startswith("pkg:"):
         return location
     module, _, sub = location[4:].partition("/")
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"model location {location!r}: Python package {module!r} is not installed")
+        raise ModelError(f"{key}: {location!r} names Python package {module!r}, which is not installed",
+                         stage="embed")
     path = Path(list(spec.submodule_search_locations)[0]) / sub
     if not path.exists():
-        raise FileNotFoundError(f"model location {location!r}: {path} does not exist")
+        raise ModelError(f"{key}: {location!r}: {path} does not exist", stage="embed")
     return str(path)
+
+
+def _in_hub_cache(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # an unusual name or cache layout: let the loader say what is wrong
+        return False
+
+
+def model_folder(location: str, key: str) -> str:
+    """A Hugging Face model location checked on the driver: an existing folder, or a hub name that
+    can be loaded (offline, ``HF_HUB_OFFLINE=1``: only from the local hub cache). Raises ModelError
+    naming ``key`` otherwise, before any Spark task tries to load it."""
+    resolved = resolve_location(location, key)
+    if Path(resolved).exists():
+        return resolved
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if _HUB_NAME.match(resolved) and not (offline and not _in_hub_cache(resolved)):
+        return resolved
+    why = (" (not a folder, and HF_HUB_OFFLINE=1 allows hub names only from the local cache)"
+           if _HUB_NAME.match(resolved) else "")
+    raise ModelError(f"{key}: model folder {resolved} does not exist{why}", stage="embed")
+
+
+def weights_file(location: str, key: str) -> str:
+    """A weights file checked on the driver: it must exist (weights are never downloaded)."""
+    resolved = resolve_location(location, key)
+    if not Path(resolved).is_file():
+        raise ModelError(f"{key}: weights file {resolved} does not exist", stage="embed")
+    return resolved
 
 
 def fingerprint(location: str) -> str:
@@ -71,14 +110,20 @@ def _l2_normalise(x):
 
 
 def text_encoder_id(settings: TextEncoderSettings) -> str:
-    """Changes whenever the vectors would: another model, other weights, another token limit."""
-    revision = settings.revision or fingerprint(resolve_location(settings.model))
+    """Changes whenever the vectors would: another model, other weights, another token limit.
+    Raises ModelError when the model cannot be found."""
+    revision = settings.revision or fingerprint(model_folder(settings.model, "embed.text.model"))
     return f"text:{settings.model}@{revision}/max_tokens={settings.max_tokens}"
 
 
 def image_encoder_id(settings: ImageEncoderSettings) -> str:
-    location = settings.model if settings.kind == "huggingface" else (settings.weights or "")
-    revision = settings.revision or fingerprint(resolve_location(location) if location else "")
+    """Like :func:`text_encoder_id`, for images (architecture, weights, preprocessing)."""
+    if settings.kind == "huggingface":
+        location = model_folder(settings.model, "embed.image.model")
+    else:
+        location = weights_file(settings.weights, "embed.image.weights") if settings.weights else ""
+    # no weights file (random init): nothing to fingerprint; Path("") would be the working folder
+    revision = settings.revision or (fingerprint(location) if location else "no-weights")
     return (f"image:{settings.kind}:{settings.model}@{revision}/size={settings.image_size}"
             f"/crop={settings.crop_pct}/mean={settings.mean}/std={settings.std}")
 
@@ -96,7 +141,7 @@ class TextEncoder:
 
         self.settings = settings
         self.device = pick_device(device)
-        location = resolve_location(settings.model)
+        location = model_folder(settings.model, "embed.text.model")
         local_only = Path(location).exists() or os.environ.get("HF_HUB_OFFLINE") == "1"
         self.tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local_only)
         self.model = AutoModel.from_pretrained(location, local_files_only=local_only).eval().to(self.device)
@@ -139,22 +184,12 @@ class ImageError(Exception):
         super().__init__(f"{code}: {detail}")
 
 
-def _open_uri(uri: str):
-    if uri.startswith("dbfs:/") and os.path.isdir("/dbfs"):
-        return open("/dbfs/" + uri[len("dbfs:/"):].lstrip("/"), "rb")  # Databricks' FUSE mount
-    if "://" not in uri:
-        return open(uri, "rb")
-    import fsspec
-
-    return fsspec.open(uri, "rb").open()
-
-
 def read_image(uri: str, settings: ImageEncoderSettings):
     """Read and decode one image as RGB within the byte and pixel limits; raise ImageError otherwise."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with _open_uri(uri) as f:
+        with open_uri(uri) as f:
             data = f.read(settings.max_bytes + 1)
     except FileNotFoundError:
         raise ImageError("image_missing", uri) from None
@@ -204,7 +239,8 @@ def _load_weights(model, path: str) -> None:
         return
     theirs, ours = list(state.items()), list(own.items())
     if len(theirs) != len(ours) or any(a[1].shape != b[1].shape for a, b in zip(theirs, ours)):
-        raise ValueError(f"weights file {path}: neither the names nor the shapes match the model")
+        raise ModelError(f"weights file {path}: neither the names nor the shapes match the model {type(model).__name__}",
+                         stage="embed")
     model.load_state_dict({name: tensor for (name, _), (_, tensor) in zip(ours, theirs)})
     log.info("loaded %s by position (%d tensors)", path, len(ours))
 
@@ -220,7 +256,7 @@ class ImageEncoder:
         self.device = pick_device(device)
         self._torch = torch
         self._processor = None
-        weights = resolve_location(settings.weights) if settings.weights else None
+        weights = weights_file(settings.weights, "embed.image.weights") if settings.weights else None
         if settings.kind == "timm":
             import timm
 
@@ -237,7 +273,7 @@ class ImageEncoder:
         else:  # huggingface
             from transformers import AutoImageProcessor, AutoModel
 
-            location = resolve_location(settings.model)
+            location = model_folder(settings.model, "embed.image.model")
             local_only = Path(location).exists() or os.environ.get("HF_HUB_OFFLINE") == "1"
             self._processor = AutoImageProcessor.from_pretrained(location, local_files_only=local_only)
             model = AutoModel.from_pretrained(location, local_files_only=local_only)
@@ -338,7 +374,7 @@ def _drop_classifier(model) -> None:
         if hasattr(model, attr):
             setattr(model, attr, torch.nn.Identity())
             return
-    raise ValueError(f"cannot find the classifier of {type(model).__name__} to take pooled features")
+    raise ModelError(f"cannot find the classifier of {type(model).__name__} to take pooled features", stage="embed")
 
 
 @dataclass

@@ -10,14 +10,24 @@ products of a pair are queries, so both directions count):
   matches, e.g. all listings of one product).
 
 Pairs naming a product that is not in the table are counted apart (``pairs_unknown``), never
-silently: the evaluation says how much of the labelled data it could use.
+silently: the evaluation says how much of the labelled data it could use. The cut-offs k are
+``evaluate.cutoffs`` in config.
+
+:func:`ablations` recomputes neighbour lists with each vector component alone, to show what each
+adds (``prodsim evaluate --ablation``, ``prodsim bench quality``).
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-KS = (1, 5, 10, 20)
+from prodsim_spark import fusion, join
+from prodsim_spark.config import EvaluateSettings, FusionWeights, ProdsimConfig
+from prodsim_spark.tables import neighbours_counts
+
+CUTOFFS = tuple(EvaluateSettings().cutoffs)
 
 
 def directed_pairs(pairs: DataFrame) -> DataFrame:
@@ -27,7 +37,7 @@ def directed_pairs(pairs: DataFrame) -> DataFrame:
     return both.where("query IS NOT NULL AND match IS NOT NULL AND query != match").distinct()
 
 
-def match_ranks(neighbours: DataFrame, pairs: DataFrame) -> DataFrame:
+def match_ranks(neighbours: DataFrame, pairs: DataFrame, cutoffs: Sequence[int] = CUTOFFS) -> DataFrame:
     """Per query: ``first_rank`` of a true match (1-based; null when none listed), ``hits`` per k,
     and the list length."""
     listed = neighbours.select("product_id", F.posexplode("neighbours").alias("pos", "nb")).select(
@@ -37,20 +47,21 @@ def match_ranks(neighbours: DataFrame, pairs: DataFrame) -> DataFrame:
     found = known.join(listed, ["query", "match"], "inner")
     per_query = found.groupBy("query").agg(
         F.min("rank").alias("first_rank"),
-        *[F.sum(F.when(F.col("rank") <= k, 1).otherwise(0)).alias(f"hits_{k}") for k in KS])
-    return known.select("query").distinct().join(per_query, "query", "left").fillna(0, [f"hits_{k}" for k in KS])
+        *[F.sum(F.when(F.col("rank") <= k, 1).otherwise(0)).alias(f"hits_{k}") for k in cutoffs])
+    return known.select("query").distinct().join(per_query, "query", "left").fillna(0, [f"hits_{k}" for k in cutoffs])
 
 
-def metrics(neighbours: DataFrame, pairs: DataFrame, queries: DataFrame | None = None) -> dict:
+def metrics(neighbours: DataFrame, pairs: DataFrame, queries: DataFrame | None = None, *,
+            cutoffs: Sequence[int] = CUTOFFS) -> dict:
     """recall@k, mrr, precision@k over the queries (optionally only those in ``queries.product_id``)."""
-    ranks = match_ranks(neighbours, pairs)
+    ranks = match_ranks(neighbours, pairs, cutoffs)
     if queries is not None:
         ranks = ranks.join(queries.select(F.col("product_id").alias("query")), "query", "left_semi")
     row = ranks.agg(
         F.count("*").alias("queries"),
-        *[F.avg(F.when(F.col("first_rank") <= k, 1.0).otherwise(0.0)).alias(f"recall@{k}") for k in KS],
+        *[F.avg(F.when(F.col("first_rank") <= k, 1.0).otherwise(0.0)).alias(f"recall@{k}") for k in cutoffs],
         F.avg(F.when(F.col("first_rank").isNotNull(), 1.0 / F.col("first_rank")).otherwise(0.0)).alias("mrr"),
-        *[F.avg(F.col(f"hits_{k}") / k).alias(f"precision@{k}") for k in KS]).first().asDict()
+        *[F.avg(F.col(f"hits_{k}") / k).alias(f"precision@{k}") for k in cutoffs]).first().asDict()
     truth = directed_pairs(pairs)
     unknown = truth.join(neighbours.select(F.col("product_id").alias("query")), "query", "left_anti").count()
     out = {k: (round(float(v), 4) if v is not None and k != "queries" else v) for k, v in row.items()}
@@ -62,30 +73,51 @@ def metrics(neighbours: DataFrame, pairs: DataFrame, queries: DataFrame | None =
 def coverage(neighbours: DataFrame) -> dict:
     """What a neighbours table holds when there are no labels: rows, how many have a list, list length,
     the first neighbour's score (mean and quartiles) and the reasons of rows without a list."""
+    counts = neighbours_counts(neighbours)
     row = neighbours.agg(
-        F.count("*").alias("rows"),
-        F.sum(F.when(F.size("neighbours") > 0, 1).otherwise(0)).alias("with_neighbours"),
         F.avg(F.size("neighbours")).alias("mean_list_length"),
         F.avg(F.get("neighbours", 0)["score"]).alias("top1_score_mean"),
         F.percentile_approx(F.get("neighbours", 0)["score"], [0.25, 0.5, 0.75]).alias("q")).first()
     reason = F.col("reason") if "reason" in neighbours.columns else F.lit(None).cast("string")
     without = {r["reason"] or "none": r["count"] for r in neighbours.where(F.size("neighbours") == 0)
                .groupBy(reason.alias("reason")).count().orderBy(F.desc("count")).collect()}
-    rows = int(row["rows"] or 0)
+    rows, listed = counts["rows"], counts["with_neighbours"]
     q = row["q"] or [None, None, None]
-    return {"rows": rows, "with_neighbours": int(row["with_neighbours"] or 0),
-            "share_with_neighbours": round((row["with_neighbours"] or 0) / rows, 4) if rows else 0.0,
+    return {"rows": rows, "with_neighbours": listed,
+            "share_with_neighbours": round(listed / rows, 4) if rows else 0.0,
             "mean_list_length": round(float(row["mean_list_length"] or 0), 3),
             "top1_score_mean": None if row["top1_score_mean"] is None else round(float(row["top1_score_mean"]), 4),
             "top1_score_quartiles": [None if v is None else round(float(v), 4) for v in q],
             "without_neighbours_by_reason": without}
 
 
-def markdown_table(results: dict[str, dict], columns=("recall@1", "recall@5", "recall@10", "recall@20", "mrr",
-                                                       "precision@10")) -> str:
-    """One row per method, one column per metric."""
+def markdown_table(results: dict[str, dict], columns: Sequence[str] | None = None) -> str:
+    """One row per method, one column per metric (default: every recall@k, mrr, precision@10 when measured)."""
+    if columns is None:
+        first = next(iter(results.values()), {})
+        columns = [c for c in first if c.startswith("recall@")] + ["mrr"] + [
+            c for c in ("precision@10",) if c in first]
     lines = ["| method | " + " | ".join(columns) + " | queries |", "|---" * (len(columns) + 2) + "|"]
     for name, m in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{m.get(c, float('nan')):.3f}" for c in columns)
                      + f" | {m.get('queries', '')} |")
     return "\n".join(lines)
+
+
+def ablations(products: DataFrame, config: ProdsimConfig) -> dict[str, DataFrame]:
+    """Neighbour lists (K = ``join.k``) per method: each vector component alone (where the catalog has
+    it, similarity only), fused as configured, and, for a catalog of several sources, fused without
+    the same-source penalty (what the penalty adds). ``products``: the join's input
+    (:func:`prodsim_spark.pipeline.run_products`)."""
+    shape = join.input_shape(products)
+    settings = config.join
+    out = {}
+    for name in fusion.DENSE:
+        if shape.dims.get(name) and getattr(settings.weights, name) > 0:
+            alone = settings.replaced(weights=FusionWeights.only(**{name: 1.0}), same_source_penalty=0.0)
+            out[f"{name} alone"] = join.find_neighbours(products, alone).persist()
+    if shape.several_sources and settings.same_source_penalty > 0:
+        out["fused, no same-source penalty"] = join.find_neighbours(
+            products, settings.replaced(same_source_penalty=0.0)).persist()
+    out["fused"] = join.find_neighbours(products, settings).persist()
+    return out

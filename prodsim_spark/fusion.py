@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from prodsim_spark.config import FusionWeights
+
 DENSE = ("text", "image", "lexical")  # vector modalities: cosine similarity
 COMPONENTS = DENSE + ("brand", "category", "price")  # weighted components of the fused score
 PARTS = COMPONENTS + ("same_source",)  # what a score is the sum of: contributions, then the penalty (<= 0)
@@ -84,17 +86,18 @@ def same_source(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a == b) & (a >= 0)
 
 
-def pair_scores(q: Products, m: Products, weights: dict[str, float], price_scale: float,
+def pair_scores(q: Products, m: Products, weights: FusionWeights, *, price_scale: float,
                 same_source_penalty: float = 0.0):
     """(score, parts) for every pair: (|q|, |m|) matrices, parts by name (see PARTS; only those in
     play); score is NaN where no component is shared."""
+    weights = weights.as_dict()
     sims, avail = {}, {}
     for name in DENSE:
-        if weights.get(name, 0) > 0 and name in q.vectors and q.vectors[name].shape[1]:
+        if weights[name] > 0 and name in q.vectors and q.vectors[name].shape[1]:
             sims[name] = q.vectors[name] @ m.vectors[name].T
             avail[name] = np.outer(q.has[name], m.has[name])
     for name, field in ATTRIBUTES.items():
-        if weights.get(name, 0) > 0:
+        if weights[name] > 0:
             sim, avail[name] = attribute_similarity(name, getattr(q, field)[:, None], getattr(m, field)[None, :],
                                                     price_scale)
             sims[name] = sim.astype(np.float32)
@@ -151,11 +154,12 @@ def top_k(score: np.ndarray, q_ids: np.ndarray, m_ids: np.ndarray, k: int) -> tu
     return rows[order], cols[order]
 
 
-def fused_dense(p: Products, weights: dict[str, float]) -> np.ndarray:
+def fused_dense(p: Products, weights: FusionWeights) -> np.ndarray:
     """The blocking vector [sqrt(w_t) t, sqrt(w_i) i, sqrt(w_l) l], unit-normalised (zero for products
     with none of them)."""
-    parts = [np.sqrt(weights[name]) * p.vectors[name] * p.has[name][:, None]
-             for name in DENSE if weights.get(name, 0) > 0 and name in p.vectors and p.vectors[name].shape[1]]
+    w = weights.as_dict()
+    parts = [np.sqrt(w[name]) * p.vectors[name] * p.has[name][:, None]
+             for name in DENSE if w[name] > 0 and name in p.vectors and p.vectors[name].shape[1]]
     v = np.concatenate(parts, axis=1).astype(np.float32) if parts else np.zeros((len(p), 1), np.float32)
     norms = np.linalg.norm(v, axis=1, keepdims=True)
     return np.divide(v, norms, out=np.zeros_like(v), where=norms > 0)
@@ -165,7 +169,7 @@ def fused_dense(p: Products, weights: dict[str, float]) -> np.ndarray:
 # IVF centroids
 
 
-def kmeans(x: np.ndarray, k: int, iterations: int, seed: int) -> np.ndarray:
+def kmeans(x: np.ndarray, k: int, *, iterations: int, seed: int) -> np.ndarray:
     """Spherical k-means (cosine) with k-means++ seeding; returns (k, d) unit centroids."""
     rng = np.random.default_rng(seed)
     n = len(x)
@@ -201,7 +205,7 @@ def update_centroids(centroids: np.ndarray, sums: np.ndarray) -> np.ndarray:
     return np.where(norms > 0, sums / np.where(norms == 0, 1, norms), centroids).astype(np.float32)
 
 
-def train_cells(sample: np.ndarray, n_total: int, block_size: int, max_block_size: int,
+def train_cells(sample: np.ndarray, n_total: int, *, block_size: int, max_block_size: int,
                 iterations: int, seed: int) -> np.ndarray:
     """Centroids such that no cell is expected to hold more than max_block_size products.
 
@@ -212,7 +216,7 @@ def train_cells(sample: np.ndarray, n_total: int, block_size: int, max_block_siz
     if len(sample) == 0:
         return np.zeros((1, sample.shape[1] if sample.ndim == 2 else 1), dtype=np.float32)
     k = int(np.ceil(n_total / block_size))
-    centroids = kmeans(sample, k, iterations, seed)
+    centroids = kmeans(sample, k, iterations=iterations, seed=seed)
     scale = n_total / len(sample)
     for _ in range(3):  # a few rounds: a split cell can itself be too big
         assign = np.argmax(sample @ centroids.T, axis=1)
@@ -224,7 +228,8 @@ def train_cells(sample: np.ndarray, n_total: int, block_size: int, max_block_siz
         for c in big:
             members = sample[assign == c]
             parts = int(np.ceil(sizes[c] / block_size))
-            keep.append(kmeans(members, parts, iterations, seed + int(c)) if len(members) > parts else centroids[[c]])
+            keep.append(kmeans(members, parts, iterations=iterations, seed=seed + int(c))
+                        if len(members) > parts else centroids[[c]])
         centroids = np.concatenate(keep).astype(np.float32)
     return centroids
 

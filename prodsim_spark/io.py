@@ -1,7 +1,7 @@
-"""Reading catalogs and reading/writing Delta tables: the only library module that touches paths.
+"""Reading catalogs, labelled pairs, images and Delta tables: the library's edge to files.
 
 Stages take and return DataFrames; jobs, the CLI and :mod:`prodsim_spark.pipeline` call these
-functions at the edges.
+functions at the edges (a run's table paths come from :mod:`prodsim_spark.tables`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from prodsim_spark.config import IngestSettings
-from prodsim_spark.errors import CatalogError
+from prodsim_spark.errors import CatalogError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -166,3 +166,41 @@ def delta_table_exists(spark: SparkSession, path: str) -> bool:
     from delta.tables import DeltaTable
 
     return DeltaTable.isDeltaTable(spark, path)
+
+
+def open_uri(uri: str):
+    """A binary file object for a local path, ``file://``, ``dbfs:/`` (the FUSE mount) or any URI
+    ``fsspec`` opens (``s3://``, ``abfss://`` with the matching fsspec package)."""
+    if uri.startswith("dbfs:/") and os.path.isdir("/dbfs"):
+        return open("/dbfs/" + uri[len("dbfs:/"):].lstrip("/"), "rb")  # Databricks' FUSE mount
+    if "://" not in uri:
+        return open(uri, "rb")
+    import fsspec
+
+    return fsspec.open(uri, "rb").open()
+
+
+def read_pairs(spark: SparkSession, path: str, left_col: str | None = None, right_col: str | None = None
+               ) -> DataFrame:
+    """Labelled match pairs as (left_id, right_id) from a CSV with a header: a pairs file (default: its
+    first two columns), or a groups file with a ``group`` column (every two products of one group match)."""
+    if not Path(path).is_file():
+        raise InputError("labelled pairs file does not exist", path=path)
+    with open(path, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    df = spark.read.option("header", True).csv(path)
+    if "group" in header and not (left_col and right_col):
+        ids = left_col or next((c for c in header if c != "group"), None)
+        if ids not in header:
+            raise InputError(f"groups file has no id column {ids!r} (columns: {header})", path=path)
+        members = df.select(F.trim(F.col(f"`{ids}`")).alias("id"), F.trim(F.col("group")).alias("g")) \
+            .where("id IS NOT NULL AND g IS NOT NULL")
+        a, b = members.alias("a"), members.alias("b")
+        return a.join(b, (F.col("a.g") == F.col("b.g")) & (F.col("a.id") < F.col("b.id"))) \
+            .select(F.col("a.id").alias("left_id"), F.col("b.id").alias("right_id"))
+    left_col = left_col or (header[0] if header else None)
+    right_col = right_col or (header[1] if len(header) > 1 else None)
+    missing = [c for c in (left_col, right_col) if c not in header]
+    if missing:
+        raise InputError(f"pairs file has no column {missing[0]!r} (columns: {header})", path=path)
+    return df.select(F.trim(F.col(f"`{left_col}`")).alias("left_id"), F.trim(F.col(f"`{right_col}`")).alias("right_id"))

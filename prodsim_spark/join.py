@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -30,7 +30,8 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from prodsim_spark import fusion
-from prodsim_spark.config import JoinSettings
+from prodsim_spark.config import FusionWeights, JoinSettings
+from prodsim_spark.tables import live_catalog, live_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,10 @@ def _code(col: Column) -> Column:
 def join_inputs(catalog: DataFrame, embeddings: DataFrame, lexical: DataFrame | None = None) -> DataFrame:
     """Products that can be joined: not rejected, with their embeddings (and lexical vectors, when
     given) and structured attributes."""
-    live = embeddings.where("removed_at IS NULL").select("product_id", "text_embedding", "image_embedding")
+    live = live_embeddings(embeddings).select("product_id", "text_embedding", "image_embedding")
     # catalogs written before the source column existed have none: no source, no penalty
     source = F.col("source") if "source" in catalog.columns else F.lit(None).cast("string")
-    products = (catalog.where("status != 'rejected'")
+    products = (live_catalog(catalog)
                 .select("product_id", _code(F.col("brand")).alias("brand"), _code(F.col("category")).alias("category"),
                         F.when(F.col("price") > 0, F.log("price")).alias("log_price"), _code(source).alias("source"))
                 .join(live, "product_id", "inner"))
@@ -62,16 +63,21 @@ def _vector_col(name: str) -> str:
     return f"{name}_embedding"
 
 
-def _dims(products: DataFrame) -> tuple[dict[str, int], int, bool]:
-    """Each vector modality's dimension (0: absent), the product count, and whether the products
-    come from two or more sources, in one pass."""
+class InputShape(NamedTuple):
+    dims: dict[str, int]      # each vector modality's dimension (0: absent)
+    count: int                # products
+    several_sources: bool     # two or more known sources (the same-source penalty applies)
+
+
+def input_shape(products: DataFrame) -> InputShape:
+    """What the join needs to know of its input before planning, in one pass over it."""
     present = [m for m in fusion.DENSE if _vector_col(m) in products.columns]
     known = (F.when(F.col("source") >= 0, F.col("source")) if "source" in products.columns
              else F.lit(None).cast("long"))
     row = products.select(*[F.max(F.size(_vector_col(m))).alias(m) for m in present],
                           F.count("*").alias("n"), F.min(known).alias("lo"), F.max(known).alias("hi")).first()
     dims = {m: max(int(row[m] or 0), 0) if m in present else 0 for m in fusion.DENSE}
-    return dims, int(row["n"]), row["lo"] is not None and row["lo"] != row["hi"]
+    return InputShape(dims, int(row["n"]), row["lo"] is not None and row["lo"] != row["hi"])
 
 
 def _products(pdf: pd.DataFrame, vectors: dict[str, tuple[np.ndarray, np.ndarray]]) -> fusion.Products:
@@ -82,8 +88,8 @@ def _products(pdf: pd.DataFrame, vectors: dict[str, tuple[np.ndarray, np.ndarray
                            pdf["source"].to_numpy(dtype=np.int64))
 
 
-def _from_arrays(pdf: pd.DataFrame, dims: dict[str, int]) -> fusion.Products:
-    """Products from the input columns (vectors as arrays; normalised here)."""
+def products_from_columns(pdf: pd.DataFrame, dims: dict[str, int]) -> fusion.Products:
+    """Products from rows with the columns :func:`join_inputs` returns (vectors as arrays; normalised here)."""
     return _products(pdf, {m: fusion.stack_vectors(pdf[_vector_col(m)].tolist(), d) for m, d in dims.items()})
 
 
@@ -113,7 +119,7 @@ LISTS_SCHEMA = T.StructType([T.StructField("product_id", T.StringType()),
 QUERY_CHUNK = 1024  # queries scored at a time: bounds memory to QUERY_CHUNK x members floats per matrix
 
 
-def score_cell(pdf: pd.DataFrame, dims: dict[str, int], weights: dict[str, float], price_scale: float,
+def score_cell(pdf: pd.DataFrame, *, dims: dict[str, int], weights: FusionWeights, price_scale: float,
                k: int, same_source_penalty: float = 0.0) -> pd.DataFrame:
     """One cell: every product whose home it is, against every product stored in it; best k each."""
     members = _from_routed(pdf, dims)
@@ -121,7 +127,8 @@ def score_cell(pdf: pd.DataFrame, dims: dict[str, int], weights: dict[str, float
     out: dict[str, list] = {f: [] for f in LISTS_SCHEMA.fieldNames()}
     for start in range(0, len(query_rows), QUERY_CHUNK):
         q = members.take(query_rows[start:start + QUERY_CHUNK])
-        score, parts = fusion.pair_scores(q, members, weights, price_scale, same_source_penalty)
+        score, parts = fusion.pair_scores(q, members, weights, price_scale=price_scale,
+                                          same_source_penalty=same_source_penalty)
         rows, cols = fusion.top_k(score, q.ids, members.ids, k)
         bounds = np.searchsorted(rows, np.arange(len(q) + 1))
         values = {"product_id": members.ids[cols], "score": score[rows, cols],
@@ -135,7 +142,7 @@ def score_cell(pdf: pd.DataFrame, dims: dict[str, int], weights: dict[str, float
     return pd.DataFrame({f: pd.Series(out[f], dtype=object) for f in LISTS_SCHEMA.fieldNames()})
 
 
-def _refine(products: DataFrame, centroids: np.ndarray, dims: dict[str, int], weights: dict[str, float],
+def _refine(products: DataFrame, centroids: np.ndarray, *, dims: dict[str, int], weights: FusionWeights,
             passes: int) -> np.ndarray:
     """Lloyd passes of spherical k-means over *all* products, on the executors. Centroids from a
     sample alone are noisy when the catalog has many small groups (a few sampled products per group),
@@ -144,7 +151,7 @@ def _refine(products: DataFrame, centroids: np.ndarray, dims: dict[str, int], we
         def sums(batches: Iterator[pd.DataFrame], c=centroids) -> Iterator[pd.DataFrame]:
             acc = np.zeros(c.shape, dtype=np.float64)
             for pdf in batches:
-                acc += fusion.cell_sums(fusion.fused_dense(_from_arrays(pdf, dims), weights), c)
+                acc += fusion.cell_sums(fusion.fused_dense(products_from_columns(pdf, dims), weights), c)
             yield pd.DataFrame({"sums": [acc.tobytes()]})
 
         parts = products.mapInPandas(sums, "sums binary").collect()
@@ -169,9 +176,9 @@ def find_neighbours(products: DataFrame, settings: JoinSettings) -> DataFrame:
             products = products.withColumn(col, F.lit(None if col == "log_price" else -1).cast(typ))
     products = products.select("product_id", *[_vector_col(m) for m in fusion.DENSE], "brand", "category",
                                "log_price", "source")
-    weights = settings.weights.model_dump()
+    weights = settings.weights
     started = time.perf_counter()
-    dims, n_total, several_sources = _dims(products)
+    dims, n_total, several_sources = input_shape(products)
     # one source (or none known): the penalty would lower every score alike and change no ranking
     penalty = settings.same_source_penalty if several_sources else 0.0
     if n_total == 0:
@@ -181,12 +188,12 @@ def find_neighbours(products: DataFrame, settings: JoinSettings) -> DataFrame:
     # 1. centroids: k-means on a sample on the driver, then refined over all products
     fraction = min(1.0, settings.sample_size / n_total)
     sample = products.sample(fraction=fraction, seed=settings.seed).limit(settings.sample_size).toPandas()
-    centroids = fusion.train_cells(fusion.fused_dense(_from_arrays(sample, dims), weights),
-                                   n_total, settings.block_size, settings.max_block_size,
-                                   settings.kmeans_iterations, settings.seed)
+    centroids = fusion.train_cells(fusion.fused_dense(products_from_columns(sample, dims), weights), n_total,
+                                   block_size=settings.block_size, max_block_size=settings.max_block_size,
+                                   iterations=settings.kmeans_iterations, seed=settings.seed)
     # when the sample was every product, its k-means already saw all the data: nothing to refine
     refine = settings.refine_passes if fraction < 1 and len(centroids) > 1 else 0
-    centroids = _refine(products, centroids, dims, weights, refine)
+    centroids = _refine(products, centroids, dims=dims, weights=weights, passes=refine)
     log.info("[join] %d products, %d cells (block_size %d, max %d), spill %d; planned in %.1f s",
              n_total, len(centroids), settings.block_size, settings.max_block_size, settings.spill,
              time.perf_counter() - started)
@@ -200,7 +207,7 @@ def find_neighbours(products: DataFrame, settings: JoinSettings) -> DataFrame:
     # array<float> costs a conversion per element on both sides.
     def route(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
-            p = _from_arrays(pdf, dims)
+            p = products_from_columns(pdf, dims)
             cells = fusion.nearest_cells(fusion.fused_dense(p, weights), centroids, spill)
             flat = pd.DataFrame({
                 "product_id": pdf["product_id"].to_numpy(),
@@ -215,7 +222,8 @@ def find_neighbours(products: DataFrame, settings: JoinSettings) -> DataFrame:
     # list is final there: no merge shuffle, and every product gets a row.
     keys = ["cell", "category"] if hard else ["cell"]
     lists = (products.mapInPandas(route, ROUTED_SCHEMA).groupBy(*keys)
-             .applyInPandas(lambda pdf: score_cell(pdf, dims, weights, scale, k, penalty), LISTS_SCHEMA))
+             .applyInPandas(lambda pdf: score_cell(pdf, dims=dims, weights=weights, price_scale=scale, k=k,
+                                                   same_source_penalty=penalty), LISTS_SCHEMA))
     return lists.select("product_id", F.transform("n_product_id", lambda _, i: F.struct(
         *[F.col(f"n_{f}")[i].alias(f) for f in NEIGHBOUR.fieldNames()])).alias("neighbours"))
 

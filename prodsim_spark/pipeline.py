@@ -1,7 +1,8 @@
 """The whole job, stage after stage, from a catalog path to Delta tables under an output folder.
 
-Used by the CLI (``prodsim run``), the spark-submit jobs and the notebooks, so all of them run
-the same thing. Tables written under ``<output>``:
+Used by the CLI (``prodsim run`` and the per-stage commands), the spark-submit jobs and the notebooks,
+so all of them run the same thing. Tables written under ``<output>`` (names and paths:
+:mod:`prodsim_spark.tables`):
 
 * ``catalog``: the validated catalog, every input row with status and reason (ingest stage).
 * ``embeddings``: text and image vectors per product, updated incrementally (embed stage).
@@ -19,6 +20,8 @@ from pyspark.sql import functions as F
 from prodsim_spark import embed, encoders, ingest, io, join, lexical
 from prodsim_spark.config import ProdsimConfig
 from prodsim_spark.progress import stage
+from prodsim_spark.tables import CATALOG, EMBEDDINGS, NEIGHBOURS, RunTables, live_catalog, live_embeddings, \
+    neighbours_counts
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +37,10 @@ class RunResult:
     join: dict[str, int] = field(default_factory=dict)
 
 
-def table_path(output: str, name: str) -> str:
-    return output.rstrip("/") + "/" + name
-
-
 def run_ingest(spark: SparkSession, catalog_path: str, output: str, config: ProdsimConfig) -> RunResult:
-    result = RunResult(output=output)
-    path = table_path(output, "catalog")
+    tables = RunTables.at(output)
+    result = RunResult(output=tables.output)
+    path = tables.catalog
     with stage(spark, "ingest", f"validate {catalog_path} -> {path}"):
         raw = io.read_catalog(spark, catalog_path, config.ingest)
         catalog = ingest.validate_catalog(raw, config.ingest, image_root=io.catalog_folder(catalog_path))
@@ -49,7 +49,7 @@ def run_ingest(spark: SparkSession, catalog_path: str, output: str, config: Prod
         result.status = ingest.status_counts(written)
         result.reasons = ingest.reason_counts(written)
         result.rows = sum(result.status.values())
-        result.tables["catalog"] = path
+        result.tables[CATALOG] = path
     log.info("[ingest] %d rows: %s", result.rows, ", ".join(f"{k}={v}" for k, v in result.status.items()))
     for code, count in result.reasons.items():
         log.info("[ingest]   %-24s %d rows", code, count)
@@ -63,9 +63,11 @@ def torch_threads(spark: SparkSession, config: ProdsimConfig) -> int:
 
 def run_embed(spark: SparkSession, output: str, config: ProdsimConfig, result: RunResult) -> RunResult:
     settings = config.embed
-    catalog = io.read_delta(spark, table_path(output, "catalog"))
-    path = table_path(output, "embeddings")
-    existing = io.read_delta(spark, path) if io.delta_table_exists(spark, path) else None
+    tables = RunTables.at(output)
+    catalog = tables.read(spark, CATALOG)
+    path = tables.embeddings
+    existing = tables.read(spark, EMBEDDINGS) if tables.exists(spark, EMBEDDINGS) else None
+    # on the driver, before any task: a missing model folder or weights file is a clear error here
     text_id = encoders.text_encoder_id(settings.text) if settings.text.enabled else None
     image_id = encoders.image_encoder_id(settings.image) if settings.image.enabled else None
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(settings.arrow_batch_size))
@@ -82,11 +84,11 @@ def run_embed(spark: SparkSession, output: str, config: ProdsimConfig, result: R
             F.sum(F.when(F.col("is_new"), 1).otherwise(0)).alias("new_products"),
         ).first().asDict()
         removed = 0 if existing is None else (
-            existing.where("removed_at IS NULL").join(updates.select("product_id"), "product_id", "left_anti").count())
+            live_embeddings(existing).join(updates.select("product_id"), "product_id", "left_anti").count())
         embed.merge_embeddings(spark, path, updates, settings.on_removed)
         updates.unpersist()
     result.embed = {k: int(v or 0) for k, v in counts.items()} | {"removed": removed}
-    result.tables["embeddings"] = path
+    result.tables[EMBEDDINGS] = path
     e = result.embed
     log.info("[embed] %d products: encoded %d texts and %d images (%d images failed), reused %d, removed %d",
              e["products"], e["text_encoded"], e["image_encoded"], e["image_failed"], e["reused"], removed)
@@ -97,25 +99,30 @@ def join_products(catalog: DataFrame, embeddings: DataFrame, config: ProdsimConf
                   ) -> DataFrame:
     """The join's input, persisted: catalog attributes and embeddings, plus the lexical channel when
     ``with_lexical`` and ``lexical.enabled`` (recomputed from the catalog: its IDF depends on all of it)."""
-    lexical_vectors = (lexical.lexical_vectors(catalog.where("status != 'rejected'"), config.lexical)
+    lexical_vectors = (lexical.lexical_vectors(live_catalog(catalog), config.lexical)
                        if with_lexical and config.lexical.enabled else None)
     return join.join_inputs(catalog, embeddings, lexical_vectors).persist()
 
 
+def run_products(spark: SparkSession, output: str, config: ProdsimConfig) -> DataFrame:
+    """The join's input for a finished run (catalog + embeddings + lexical channel), persisted: what
+    ablations and the weight fit recompute neighbour lists from."""
+    tables = RunTables.at(output)
+    return join_products(tables.read(spark, CATALOG), tables.read(spark, EMBEDDINGS), config, with_lexical=True)
+
+
 def run_join(spark: SparkSession, output: str, config: ProdsimConfig, result: RunResult) -> RunResult:
-    catalog = io.read_delta(spark, table_path(output, "catalog"))
-    embeddings = io.read_delta(spark, table_path(output, "embeddings"))
-    path = table_path(output, "neighbours")
+    tables = RunTables.at(output)
+    catalog = tables.read(spark, CATALOG)
+    embeddings = tables.read(spark, EMBEDDINGS)
+    path = tables.neighbours
     with stage(spark, "join", f"top-{config.join.k} fused neighbours -> {path}"):
         products = join_products(catalog, embeddings, config, with_lexical=config.join.weights.lexical > 0)
         found = join.find_neighbours(products, config.join)
         io.write_delta(join.neighbours_table(catalog, found), path)
         products.unpersist()
-        written = io.read_delta(spark, path)
-        row = written.agg(F.count("*").alias("rows"),
-                          F.sum(F.when(F.size("neighbours") > 0, 1).otherwise(0)).alias("with_neighbours")).first()
-    result.join = {"rows": int(row["rows"]), "with_neighbours": int(row["with_neighbours"] or 0)}
-    result.tables["neighbours"] = path
+        result.join = neighbours_counts(tables.read(spark, NEIGHBOURS))  # what landed
+    result.tables[NEIGHBOURS] = path
     log.info("[join] %d rows, %d with neighbours", result.join["rows"], result.join["with_neighbours"])
     return result
 

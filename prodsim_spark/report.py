@@ -23,6 +23,8 @@ from pyspark.sql import functions as F
 
 from prodsim_spark import evaluate
 from prodsim_spark.fusion import PARTS
+from prodsim_spark.io import open_uri
+from prodsim_spark.tables import live_catalog, neighbours_counts
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,7 @@ class ReportData:
 def collect_report(catalog: DataFrame, neighbours: DataFrame, *, output: str = "", sample: int = 20, seed: int = 0,
                    pairs: DataFrame | None = None) -> ReportData:
     """Everything the page needs, aggregated on Spark."""
-    counts = neighbours.agg(F.count("*").alias("rows"),
-                            F.sum(F.when(F.size("neighbours") > 0, 1).otherwise(0)).alias("with")).first()
+    counts = neighbours_counts(neighbours)
     status = {r["status"]: r["count"] for r in neighbours.groupBy("status").count().orderBy("status").collect()}
     reasons = {r["code"]: r["count"] for r in neighbours.where(F.col("reason").isNotNull())
                .select(F.explode(F.split("reason", ";")).alias("code")).groupBy("code").count()
@@ -74,7 +75,7 @@ def collect_report(catalog: DataFrame, neighbours: DataFrame, *, output: str = "
               .select("product_id", "neighbours").collect())
     wanted = {r["product_id"] for r in picked} | {nb["product_id"] for r in picked for nb in r["neighbours"]}
     info = {r["product_id"]: r.asDict() for r in
-            catalog.where(F.col("product_id").isin(list(wanted))).where("status != 'rejected'")
+            live_catalog(catalog).where(F.col("product_id").isin(list(wanted)))
             .select(*INFO_COLUMNS).collect()} if wanted else {}
     # a neighbour: its catalog fields, plus its score and the score's parts (kept apart: the parts
     # "brand", "category", "price" share names with catalog fields)
@@ -98,7 +99,7 @@ def collect_report(catalog: DataFrame, neighbours: DataFrame, *, output: str = "
             curve.append((k, found / queries if queries else 0.0))
     log.info("[report] %d rows, %d sampled products, %d distinct products shown", counts["rows"], len(samples),
              len(wanted))
-    return ReportData(output=output, rows=int(counts["rows"]), with_neighbours=int(counts["with"] or 0),
+    return ReportData(output=output, rows=counts["rows"], with_neighbours=counts["with_neighbours"],
                       status=status, reasons=reasons, samples=samples, top1_hist=top1_hist, all_hist=all_hist,
                       hist_range=hist_range,
                       component_means={c: float(stats[c] or 0.0) for c in PARTS},
@@ -127,10 +128,8 @@ def thumbnail(uri: str | None, size: int = 120) -> str | None:
         return None
     from PIL import Image
 
-    from prodsim_spark.encoders import _open_uri
-
     try:
-        with _open_uri(uri) as f, Image.open(f) as im:
+        with open_uri(uri) as f, Image.open(f) as im:
             im.draft("RGB", (size, size))  # JPEGs decode at a reduced scale: a big photo costs little
             im.thumbnail((size, size))
             rgb = im.convert("RGBA")

@@ -7,6 +7,10 @@ sources, the ``join.same_source_penalty`` subtracted from same-source pairs. It 
 each labelled product, a softmax over its candidates (the neighbours found by the fused and
 single-component joins: the hard negatives) with temperature t, maximising the probability of its
 true matches. Weights are kept positive (fitted as logs) and scaled so the largest is 1.
+
+:func:`fit` is the pure fit on arrays; :func:`fit_on_lists` gathers its inputs from a run's products
+and neighbour lists (``prodsim fit-weights``); :func:`cross_validated` measures it on held-out
+products (``prodsim bench quality``).
 """
 from __future__ import annotations
 
@@ -14,9 +18,13 @@ import logging
 
 import numpy as np
 import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
 from scipy.optimize import minimize
 
-from prodsim_spark import fusion
+from prodsim_spark import evaluate, fusion, join
+from prodsim_spark.config import FusionWeights, ProdsimConfig
+from prodsim_spark.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +52,7 @@ def fused(weights: np.ndarray, sims: np.ndarray, avail: np.ndarray) -> np.ndarra
     return np.where(total > 0, (w * sims).sum(axis=1) / np.where(total > 0, total, 1), 0.0)
 
 
-def fit(sims: np.ndarray, avail: np.ndarray, query: np.ndarray, positive: np.ndarray, start: dict[str, float],
+def fit(sims: np.ndarray, avail: np.ndarray, query: np.ndarray, positive: np.ndarray, *, start: FusionWeights,
         same: np.ndarray | None = None, start_penalty: float = 0.0, l2: float = 0.01) -> dict:
     """Weights maximising the listwise softmax likelihood of true matches among each query's candidates.
 
@@ -61,7 +69,7 @@ def fit(sims: np.ndarray, avail: np.ndarray, query: np.ndarray, positive: np.nda
     fit_penalty = bool(same.any() and (~same).any())
     groups, inverse = np.unique(query, return_inverse=True)
     used = avail.any(axis=0)  # components no pair has keep their start weight
-    w0 = np.array([max(start.get(c, 0.0), 1e-3) for c in fusion.COMPONENTS])
+    w0 = np.array([max(getattr(start, c), 1e-3) for c in fusion.COMPONENTS])
     n_w = int(used.sum())
 
     def unpack(theta: np.ndarray) -> tuple[np.ndarray, float]:
@@ -91,3 +99,75 @@ def fit(sims: np.ndarray, avail: np.ndarray, query: np.ndarray, positive: np.nda
     return {"weights": {c: round(float(v), 4) for c, v in zip(fusion.COMPONENTS, w)},
             "same_source_penalty": round(penalty, 4), "temperature": round(float(np.exp(result.x[-1])), 3),
             "queries": int(len(groups)), "candidate_pairs": int(len(sims)), "loss_before": round(before, 4), "loss_after": round(float(result.fun), 4)}
+
+
+def fitted_config(report: dict) -> dict:
+    """The part of a config that a fit sets, for :func:`prodsim_spark.config.write_config`."""
+    return {"join": {"weights": report["weights"], "same_source_penalty": report["same_source_penalty"]}}
+
+
+# --------------------------------------------------------------------------------------------
+# from a run's tables
+
+
+def _candidates(lists: dict[str, DataFrame], pairs: DataFrame) -> pd.DataFrame:
+    """(query, candidate, positive) for labelled queries: the union of every method's neighbours."""
+    truth = evaluate.directed_pairs(pairs)
+    queries = truth.select("query").distinct()
+    union = None
+    for df in lists.values():
+        c = df.select(F.col("product_id").alias("query"), F.explode("neighbours.product_id").alias("match"))
+        union = c if union is None else union.unionByName(c)
+    cand = union.join(queries, "query", "left_semi").unionByName(
+        truth.join(union.select("query").distinct(), "query", "left_semi")).distinct()
+    labelled = cand.join(truth.withColumn("positive", F.lit(True)), ["query", "match"], "left")
+    return labelled.fillna(False, ["positive"]).toPandas()
+
+
+def _products_frame(products: DataFrame, ids: pd.Series) -> fusion.Products:
+    spark = products.sparkSession
+    wanted = spark.createDataFrame(pd.DataFrame({"product_id": ids.unique()}))
+    pdf = products.join(wanted, "product_id", "left_semi").toPandas()
+    for m in fusion.DENSE:
+        if f"{m}_embedding" not in pdf:
+            pdf[f"{m}_embedding"] = None
+    dims = {m: max((len(v) for v in pdf[f"{m}_embedding"] if v is not None), default=0) for m in fusion.DENSE}
+    return join.products_from_columns(pdf, dims)
+
+
+def fit_on_lists(products: DataFrame, lists: dict[str, DataFrame], pairs: DataFrame, config: ProdsimConfig
+                 ) -> dict:
+    """Fit join.weights on labelled pairs against the candidates in ``lists`` (the hard negatives);
+    ``products`` as :func:`prodsim_spark.pipeline.run_products` gives. Returns the fit report."""
+    cand = _candidates(lists, pairs)
+    if cand.empty:
+        raise InputError("no labelled pair names two products of this run")
+    p = _products_frame(products, pd.concat([cand["query"], cand["match"]]))
+    index = pd.Index(p.ids)
+    qi, mi = index.get_indexer(cand["query"]), index.get_indexer(cand["match"])
+    ok = (qi >= 0) & (mi >= 0)
+    a, b = p.take(qi[ok]), p.take(mi[ok])
+    sims, avail = pair_components(a, b, config.join.price_scale)
+    return fit(sims, avail, qi[ok], cand["positive"].to_numpy(dtype=bool)[ok], start=config.join.weights,
+               same=fusion.same_source(a.source, b.source), start_penalty=config.join.same_source_penalty)
+
+
+def cross_validated(products: DataFrame, lists: dict[str, DataFrame], pairs: DataFrame, config: ProdsimConfig
+                    ) -> tuple[dict, list[dict]]:
+    """Two folds over the *products*: fit on the pairs whose two products are both in one fold, measure
+    on the other fold's products (every pair that names one of them is left out of fitting, so no
+    label of a measured product is seen); metrics averaged over the two folds."""
+    fold = lambda col: F.abs(F.xxhash64(col)) % 2  # noqa: E731
+    results, fits = [], []
+    for held_out in (0, 1):
+        train = pairs.where((fold("left_id") != held_out) & (fold("right_id") != held_out))
+        report = fit_on_lists(products, lists, train, config)
+        settings = config.join.replaced(weights=report["weights"], same_source_penalty=report["same_source_penalty"])
+        found = join.find_neighbours(products, settings)
+        queries = products.select("product_id").where(fold("product_id") == held_out)
+        results.append(evaluate.metrics(found, pairs, queries, cutoffs=config.evaluate.cutoffs))
+        fits.append(report)
+    keys = [k_ for k_ in results[0] if k_ not in ("queries", "pairs_unknown")]
+    merged = {k_: round(float(np.mean([r[k_] for r in results])), 4) for k_ in keys}
+    merged["queries"] = sum(r["queries"] for r in results)
+    return merged, fits

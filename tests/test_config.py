@@ -72,3 +72,51 @@ def test_config_file_must_be_a_mapping(tmp_path):
 
 def test_defaults_validate():
     assert ProdsimConfig().ingest.required_columns == ["product_id"]
+
+
+def test_cross_key_checks_name_the_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["join.block_size=5000"])  # max_block_size stays 4000
+    assert "join.block_size" in str(err.value) and "join.max_block_size" in str(err.value)
+    zeros = [f"join.weights.{c}=0" for c in ("text", "image", "brand", "category", "price", "lexical")]
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=zeros)
+    assert "join.weights" in str(err.value) and "every weight is 0" in str(err.value)
+
+
+def test_a_boolean_is_not_a_number():
+    # YAML reads `true` as a boolean, and pydantic would take it as 1: k=1 is not what the user meant
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["join.k=true"])
+    assert "join.k" in str(err.value) and "boolean" in str(err.value)
+    with pytest.raises(ConfigError):
+        load_config(overrides=["join.weights.text=false"])
+    assert load_config(overrides=["embed.text.enabled=false"]).embed.text.enabled is False
+
+
+def test_join_settings_replaced_is_validated():
+    from prodsim_spark.config import FusionWeights
+
+    join = load_config().join
+    lexical_only = join.replaced(weights=FusionWeights.only(lexical=1.0), k=20)
+    assert lexical_only.k == 20 and lexical_only.weights.lexical == 1.0 and lexical_only.weights.text == 0.0
+    assert join.k == 10 and join.weights.text == 1.0  # the original is untouched
+    assert join.replaced(weights={"image": 0.0}).weights.text == 1.0  # a dict changes only what it names
+    with pytest.raises(Exception):
+        join.replaced(weights={"imgae": 0.0})  # a misspelt component is an error, not a weight of 0
+    with pytest.raises(Exception):
+        FusionWeights.only(txt=1.0)
+
+
+def test_write_config_round_trips(tmp_path):
+    from prodsim_spark.config import write_config
+
+    path = tmp_path / "learned.yaml"
+    write_config(path, {"join": {"weights": {"text": 0.5, "lexical": 1.0}, "same_source_penalty": 0.7}},
+                 "fitted on pairs.csv\nuse with --conf")
+    assert path.read_text().startswith("# fitted on pairs.csv\n# use with --conf\n")
+    config = load_config([path])
+    assert config.join.weights.text == 0.5 and config.join.same_source_penalty == 0.7
+    with pytest.raises(ConfigError):
+        write_config(tmp_path / "bad.yaml", {"join": {"weights": {"txt": 1.0}}})
+    assert not (tmp_path / "bad.yaml").exists()

@@ -2,8 +2,9 @@
 import numpy as np
 
 from prodsim_spark import fusion
+from prodsim_spark.config import FusionWeights
 
-W = {"text": 1.0, "image": 1.0, "brand": 0.5, "category": 0.0, "price": 0.0}
+W = FusionWeights.only(text=1.0, image=1.0, brand=0.5)
 
 
 def products(ids, text=None, image=None, brand=None, category=None, price=None, source=None):
@@ -18,7 +19,7 @@ def products(ids, text=None, image=None, brand=None, category=None, price=None, 
 
 def test_scores_known_by_hand():
     p = products(["a", "b", "c"], text=[[1, 0], [1, 0], [0, 1]], image=[[1, 0], [0, 1], None], brand=[7, 7, -1])
-    score, parts = fusion.pair_scores(p, p, W, 0.5)
+    score, parts = fusion.pair_scores(p, p, W, price_scale=0.5)
     # a-b: text 1, image 0, brand 1 -> (1*1 + 1*0 + 0.5*1) / 2.5
     assert np.isclose(score[0, 1], 1.5 / 2.5)
     # a-c: c has no image and no brand: only text counts, renormalised -> cos = 0
@@ -31,8 +32,8 @@ def test_scores_known_by_hand():
 def test_missing_modality_renormalises_to_the_shared_ones():
     full = products(["x", "y"], text=[[1, 0], [0.6, 0.8]], image=[[1, 0], [1, 0]])
     text_only = products(["z"], text=[[0.6, 0.8]])
-    s_full, _ = fusion.pair_scores(full, full, {"text": 1, "image": 1}, 0.5)
-    s_part, parts = fusion.pair_scores(full.take([0]), text_only, {"text": 1, "image": 1}, 0.5)
+    s_full, _ = fusion.pair_scores(full, full, FusionWeights.only(text=1, image=1), price_scale=0.5)
+    s_part, parts = fusion.pair_scores(full.take([0]), text_only, FusionWeights.only(text=1, image=1), price_scale=0.5)
     assert np.isclose(s_full[0, 1], (0.6 + 1.0) / 2)
     assert np.isclose(s_part[0, 0], 0.6)  # the text cosine alone, on the same 0..1 scale
     assert parts["image"][0, 0] == 0
@@ -40,15 +41,15 @@ def test_missing_modality_renormalises_to_the_shared_ones():
 
 def test_price_term():
     p = products(["a", "b"], text=[[1, 0], [1, 0]], price=[10.0, 20.0])
-    score, parts = fusion.pair_scores(p, p, {"text": 1, "price": 1}, 0.5)
+    score, parts = fusion.pair_scores(p, p, FusionWeights.only(text=1, price=1), price_scale=0.5)
     assert np.isclose(parts["price"][0, 1], np.exp(-np.log(2) / 0.5) / 2, atol=1e-6)
 
 
 def test_same_source_penalty_is_a_part_of_the_score():
     # a, b from source 1; c from source 2; d has no known source
     p = products(["a", "b", "c", "d"], text=[[1, 0], [0.8, 0.6], [0.6, 0.8], [0, 1]], source=[1, 1, 2, -1])
-    plain, _ = fusion.pair_scores(p, p, {"text": 1}, 0.5)
-    score, parts = fusion.pair_scores(p, p, {"text": 1}, 0.5, same_source_penalty=0.3)
+    plain, _ = fusion.pair_scores(p, p, FusionWeights.only(text=1), price_scale=0.5)
+    score, parts = fusion.pair_scores(p, p, FusionWeights.only(text=1), price_scale=0.5, same_source_penalty=0.3)
     assert np.isclose(score[0, 1], plain[0, 1] - 0.3) and np.isclose(parts["same_source"][0, 1], -0.3)
     assert np.isclose(score[0, 2], plain[0, 2])  # other source: untouched
     assert np.isclose(score[0, 3], plain[0, 3]) and np.isclose(score[3, 3], plain[3, 3])  # unknown: untouched
@@ -56,7 +57,7 @@ def test_same_source_penalty_is_a_part_of_the_score():
     # the other source's product now ranks first for a, though b is more similar
     _, idx = fusion.top_k(score[[0]], p.ids[[0]], p.ids, 1)
     assert p.ids[idx][0] == "c" and plain[0, 1] > plain[0, 2]
-    assert "same_source" not in fusion.pair_scores(p, p, {"text": 1}, 0.5)[1]  # off by default
+    assert "same_source" not in fusion.pair_scores(p, p, FusionWeights.only(text=1), price_scale=0.5)[1]  # off by default
 
 
 def test_top_k_excludes_self_and_breaks_ties_by_id():

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from prodsim_spark import bench, join
-from prodsim_spark.config import load_config
+from benchmarks.join import exact_top_k
+from prodsim_spark import join
+from prodsim_spark.config import FusionWeights, load_config
 
 TEXT_ONLY = ["join.weights.image=0", "join.weights.brand=0", "join.weights.category=0", "join.weights.price=0"]
 
@@ -19,7 +20,7 @@ def neighbour_ids(df):
 
 
 def recall_against_exact(found, x, ids, k):
-    exact = bench.exact_top_k(x, np.arange(len(x)), k)
+    exact = exact_top_k(x, np.arange(len(x)), k)
     return np.mean([len(set(ids[exact[i]]) & set(found[ids[i]])) / k for i in range(len(x))])
 
 
@@ -97,6 +98,7 @@ def test_a_cell_with_no_home_products_returns_an_empty_frame_arrow_can_convert()
     routed = pd.DataFrame({"cell": [0], "home": [False], "product_id": ["a"], "text_vec": [np.ones(2, np.float32).tobytes()],
                            "image_vec": [None], "lexical_vec": [None], "brand": [-1], "category": [-1],
                            "log_price": [np.nan], "source": [-1]})
-    out = join.score_cell(routed, {"text": 2, "image": 0, "lexical": 0}, {"text": 1.0}, 0.5, 5)
+    out = join.score_cell(routed, dims={"text": 2, "image": 0, "lexical": 0}, weights=FusionWeights.only(text=1.0),
+                          price_scale=0.5, k=5)
     assert len(out) == 0
     pa.Array.from_pandas(out["n_product_id"], type=pa.list_(pa.string()))  # raised before the fix

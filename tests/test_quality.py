@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from prodsim_spark import cli, evaluate, fusion, lexical, quality, weights
-from prodsim_spark.config import load_config
+from prodsim_spark import cli, evaluate, fusion, io, lexical, weights
+from prodsim_spark.config import FusionWeights, load_config
 
 
 def neighbours_frame(spark, lists):
@@ -47,8 +47,8 @@ def test_fit_recovers_the_informative_component():
     lex = fusion.COMPONENTS.index("lexical")
     sims[positive, lex] += 0.4  # only the lexical similarity tells matches apart
     avail = np.ones_like(sims, dtype=bool)
-    start = {c: 1.0 for c in fusion.COMPONENTS}
-    report = weights.fit(sims, avail, query, positive, start)
+    start = FusionWeights(**{c: 1.0 for c in fusion.COMPONENTS})
+    report = weights.fit(sims, avail, query, positive, start=start)
     assert report["weights"]["lexical"] == 1.0
     assert all(w < 0.5 for c, w in report["weights"].items() if c != "lexical")
     assert report["loss_after"] < report["loss_before"]
@@ -63,18 +63,16 @@ def test_fit_learns_a_same_source_penalty_when_siblings_outrank_matches():
     sims = rng.uniform(0.3, 0.7, size=(n_q * per, len(fusion.COMPONENTS)))
     sims[same] += 0.15  # same-source siblings look more alike than the other source's listing
     avail = np.ones_like(sims, dtype=bool)
-    start = {c: 1.0 for c in fusion.COMPONENTS}
-    report = weights.fit(sims, avail, query, positive, start, same=same, start_penalty=0.0)
+    start = FusionWeights(**{c: 1.0 for c in fusion.COMPONENTS})
+    report = weights.fit(sims, avail, query, positive, start=start, same=same, start_penalty=0.0)
     assert 0.1 < report["same_source_penalty"] <= 1.0
     assert report["loss_after"] < report["loss_before"]
     # no same-source candidates: nothing to learn it from, it keeps its start value
-    assert weights.fit(sims, avail, query, positive, start, same=np.zeros_like(same),
+    assert weights.fit(sims, avail, query, positive, start=start, same=np.zeros_like(same),
                        start_penalty=0.3)["same_source_penalty"] == 0.3
 
 
 def test_evaluate_command_on_a_run(spark, tmp_path, capsys):
-    from prodsim_spark import io
-
     nb = neighbours_frame(spark, {"a": ["b"], "b": ["c", "a"]})
     path = str(tmp_path / "run" / "neighbours")
     io.write_delta(nb, path)
@@ -90,13 +88,11 @@ def test_evaluate_command_on_a_run(spark, tmp_path, capsys):
 def test_groups_file_gives_every_pair_within_a_group(spark, tmp_path):
     groups = tmp_path / "groups.csv"
     groups.write_text("product_id,group\na,1\nb,1\nc,1\nd,2\ne,3\ne2,3\n")
-    pairs = {(r["left_id"], r["right_id"]) for r in quality.read_pairs(spark, str(groups)).collect()}
+    pairs = {(r["left_id"], r["right_id"]) for r in io.read_pairs(spark, str(groups)).collect()}
     assert pairs == {("a", "b"), ("a", "c"), ("b", "c"), ("e", "e2")}
 
 
 def test_evaluate_without_pairs_reports_coverage(spark, tmp_path, capsys):
-    from prodsim_spark import io
-
     nb = neighbours_frame(spark, {"a": ["b"], "b": ["c", "a"], "c": []})
     path = str(tmp_path / "run" / "neighbours")
     io.write_delta(nb, path)

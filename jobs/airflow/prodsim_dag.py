@@ -101,7 +101,7 @@ with DAG(
     ingest = spark_job("ingest", "ingest.py", ["--catalog", setting("catalog"), *output, *config_args()])
     embed = spark_job("embed", "embed.py", [*output, *config_args()])
     neighbours = spark_job("neighbours", "neighbours.py", [*output, *config_args()])
-    evaluate = spark_job("evaluate", "evaluate.py",
-                         ["--neighbours", setting("output") + "/neighbours", "--pairs", setting("pairs"), *config_args()])
+    # every task names the run folder only: the library knows the tables in it (prodsim_spark/tables.py)
+    evaluate = spark_job("evaluate", "evaluate.py", [*output, "--pairs", setting("pairs"), *config_args()])
 
     ingest >> embed >> neighbours >> evaluate
