@@ -17,9 +17,8 @@ REQUIRED = {"amazon-google": ("Amazon.csv", "GoogleProducts.csv", "perfect_mappi
             "grocery": ("make_listings.py", "dataset")}
 
 
-def build(dataset: str, src: Path, out: Path) -> tuple[Path, Path]:
-    """(catalog, pairs) of ``dataset`` read from ``src``, written under ``out``; InputError naming
-    what is missing when ``src`` is not that dataset's folder."""
+def check(dataset: str, src: Path) -> None:
+    """InputError naming what is missing when ``src`` is not ``dataset``'s folder (cheap: no Spark)."""
     if not src.is_dir():
         raise InputError(f"the {dataset} dataset folder does not exist (--data)", stage="bench quality",
                          path=str(src))
@@ -27,6 +26,11 @@ def build(dataset: str, src: Path, out: Path) -> tuple[Path, Path]:
     if missing:
         raise InputError(f"not the {dataset} dataset: {', '.join(missing)} missing", stage="bench quality",
                          path=str(src))
+
+
+def build(dataset: str, src: Path, out: Path) -> tuple[Path, Path]:
+    """(catalog, pairs) of ``dataset`` read from ``src``, written under ``out``."""
+    check(dataset, src)
     if dataset == "amazon-google":
         return amazon_google_catalog(src, out)
     return grocery_catalog(src, out)

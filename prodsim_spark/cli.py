@@ -300,9 +300,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError("say what to benchmark: prodsim bench embed|join|quality")
     _benchmarks_package()
     if args.bench == "quality":
-        from benchmarks import quality
+        from benchmarks import datasets, quality
 
         config = _config_from(args, base_conf=[quality.DEFAULTS])
+        datasets.check(args.dataset, Path(args.data))
         spark = get_session(config.spark)
         result = quality.bench_quality(spark, config, args.dataset, Path(args.data), Path(args.work))
         if args.json:

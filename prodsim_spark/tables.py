@@ -48,21 +48,10 @@ class RunTables:
     def path(self, name: str) -> str:
         return f"{self.output}/{name}"
 
-    @property
-    def catalog(self) -> str:
-        return self.path(CATALOG)
-
-    @property
-    def embeddings(self) -> str:
-        return self.path(EMBEDDINGS)
-
-    @property
-    def neighbours(self) -> str:
-        return self.path(NEIGHBOURS)
-
-    @property
-    def report_html(self) -> str:
-        return self.path(REPORT_HTML)
+    catalog = property(lambda self: self.path(CATALOG), doc="<output>/catalog")
+    embeddings = property(lambda self: self.path(EMBEDDINGS), doc="<output>/embeddings")
+    neighbours = property(lambda self: self.path(NEIGHBOURS), doc="<output>/neighbours")
+    report_html = property(lambda self: self.path(REPORT_HTML), doc="<output>/report.html")
 
     def exists(self, spark: SparkSession, name: str) -> bool:
         from delta.tables import DeltaTable

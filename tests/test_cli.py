@@ -80,3 +80,68 @@ def test_run_on_sample_catalog_keeps_every_row(spark, sample_run):
     emb = {r["product_id"]: r for r in io.read_delta(spark, str(out / "embeddings")).collect()}
     assert emb["X900"]["image_embedding"] is None and emb["X900"]["image_error"].startswith("image_unreadable")
     assert emb["X903"]["image_error"].startswith("image_missing")
+
+
+def test_user_errors_end_as_short_messages_before_spark(tmp_path):
+    """Mistakes that need no Spark to find: exit 2, the command and the key/path named, no JVM, no traceback."""
+    model = run_cli("run", "--catalog", str(SAMPLE_CATALOG), "--output", str(tmp_path / "o"),
+                    "--set", f"embed.text.model={tmp_path / 'no-model'}")
+    assert model.returncode == 2 and model.stderr.startswith("prodsim run: error:")
+    assert "embed.text.model" in model.stderr and "no-model" in model.stderr
+    weights = run_cli("embed", "--output", str(tmp_path / "o"), "--set", "embed.image.weights=/nope/w.safetensors")
+    assert weights.returncode == 2 and "embed.image.weights" in weights.stderr and "/nope/w.safetensors" in weights.stderr
+    disagree = run_cli("bench", "join", "--k", "5", "--set", "join.k=10")
+    assert disagree.returncode == 2 and "--k 5 and --set join.k=10 disagree" in disagree.stderr
+    dataset = run_cli("bench", "quality", "--dataset", "grocery", "--data", str(tmp_path / "nope"))
+    assert dataset.returncode == 2 and dataset.stderr.startswith("prodsim bench quality: error:")
+    assert "grocery dataset folder does not exist" in dataset.stderr
+    pairs = run_cli("evaluate", "--output", str(tmp_path), "--pairs", str(tmp_path / "none.csv"))
+    assert pairs.returncode == 2 and "none.csv" in pairs.stderr
+    for proc in (model, weights, disagree, dataset, pairs):
+        assert "Traceback" not in proc.stderr and SPARK_STARTED not in proc.stderr + proc.stdout
+
+
+def test_a_stage_without_its_input_table_names_the_command_that_writes_it(spark, tmp_path, capsys):
+    from prodsim_spark import cli
+
+    assert cli.main(["neighbours", "--output", str(tmp_path / "empty"), "--progress", "off"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prodsim neighbours: error:") and "catalog" in err
+    assert "not a Delta table; it is written by prodsim ingest" in err
+
+
+def test_evaluate_a_run_folder_with_its_cutoffs(spark, sample_run, capsys):
+    import json
+
+    from prodsim_spark import cli
+
+    out, _ = sample_run
+    groups = SAMPLE_CATALOG.with_name("groups.csv")
+    assert cli.main(["evaluate", "--output", str(out), "--pairs", str(groups), "--json",
+                     "--set", "evaluate.cutoffs=[1, 3]"]) == 0
+    found = json.loads(capsys.readouterr().out)["neighbours table"]
+    assert {"recall@1", "recall@3", "precision@3", "mrr"} <= set(found) and "recall@10" not in found
+    assert found["queries"] > 100 and 0 < found["recall@1"] <= found["recall@3"] <= 1
+
+
+def test_an_encoder_error_inside_a_task_ends_as_a_message(spark, sample_run, tmp_path, capsys):
+    """A weights file that exists but does not fit the architecture fails in the Python workers; the
+    user still gets one line naming it, and exit 2."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from prodsim_spark import cli
+
+    out, _ = sample_run
+    run = tmp_path / "run"
+    shutil.copytree(out / "catalog", run / "catalog")
+    weights = tmp_path / "other.safetensors"
+    save_file({"conv.weight": torch.zeros(3, 3)}, str(weights))
+    code = cli.main(["embed", "--output", str(run), "--progress", "off", "--set", "embed.text.enabled=false",
+                     "--set", f"embed.image.weights={weights}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("prodsim embed: error:"), err[-2000:]
+    assert "other.safetensors" in err and "neither the names nor the shapes match the model" in err
+    assert "Traceback" not in err
