@@ -7,6 +7,7 @@ as YAML scalars (``yaml.safe_load``), never evaluated as code.
 """
 from __future__ import annotations
 
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -39,6 +40,11 @@ class _Section(BaseModel):
         return value
 
 
+_MEMORY = re.compile(r"^\d+(b|k|kb|m|mb|g|gb|t|tb|p|pb)?$", re.IGNORECASE)
+_MASTER = re.compile(r"^(local(\[(\*|\d+)(,\d+)?\])?|local-cluster\[\d+,\d+,\d+\]|yarn|"
+                     r"(spark|k8s|mesos)://\S+)$")
+
+
 class SparkSettings(_Section):
     mode: Literal["auto", "local", "cluster"] = "auto"
     """auto: reuse an active session, or the one spark-submit/Databricks provides, else start local."""
@@ -46,11 +52,29 @@ class SparkSettings(_Section):
     """Master URL used in local mode only; a cluster's own master always wins."""
     driver_memory: str = "4g"
     """Local mode only (the driver is the whole cluster there)."""
+    task_attempts: int = Field(default=4, ge=1)
+    """Local mode: attempts per task before the job fails (local[N] alone never retries; a cluster's
+    spark.task.maxFailures is 4), so one crashed Python worker costs a retry, not the run."""
     shuffle_partitions: Optional[int] = Field(default=None, ge=1)
     """None: 2 x cores in local mode, the cluster's setting otherwise."""
     app_name: str = "prodsim-spark"
     extra_conf: dict[str, str] = Field(default_factory=dict)
     """Extra Spark settings applied when this tool builds the session (local mode)."""
+
+    @field_validator("driver_memory")
+    @classmethod
+    def _memory_size(cls, value: str) -> str:
+        if not _MEMORY.match(value.strip()):
+            raise ValueError("a memory size such as 512m, 4g or 16gb")
+        return value.strip()
+
+    @field_validator("master")
+    @classmethod
+    def _master_url(cls, value: str) -> str:
+        if not _MASTER.match(value.strip()):
+            raise ValueError("a Spark master URL: local, local[N], local[*], local[N,F], yarn, spark://HOST:PORT, "
+                             "k8s://URL or mesos://URL")
+        return value.strip()
 
 
 class ColumnMapping(_Section):
@@ -79,6 +103,16 @@ class IngestSettings(_Section):
     max_description_chars: int = Field(default=5000, ge=1)
     image_root: Optional[str] = None
     """Base for relative image_uri values; None: the catalog's own folder."""
+    image_roots: list[str] = Field(default_factory=list)
+    """More local folders that images may be read from. A local image_uri (plain path or file://) is
+    resolved, symlinks included, and must lie under the catalog's folder, image_root or one of these;
+    any other gets reason image_not_allowed and is never opened (catalogs from sellers are untrusted)."""
+    image_schemes: list[str] = Field(default_factory=lambda: ["s3", "s3a", "gs", "gcs", "abfs", "abfss", "dbfs"])
+    """URI schemes images may be read from besides local paths. http/https are not in the default: a
+    worker fetching any URL a seller wrote can reach internal services."""
+    max_removed_share: float = Field(default=0.5, ge=0, le=1)
+    """A re-run refuses an export that drops more than this share of the last run's live products, and
+    writes nothing (a feed that suddenly shrinks is usually broken upstream). 1: allow any removal."""
     source_id_separator: Optional[str] = Field(default=":", min_length=1)
     """A row without a source value takes the product_id's prefix before this separator as its source
     (pooled catalogs: ``amazon:b000jz4hqo``, ``google:1234``); ids without it have no source. None: never."""
@@ -111,6 +145,11 @@ class ImageEncoderSettings(_Section):
     max_bytes: int = Field(default=20_000_000, ge=1)
     max_pixels: int = Field(default=40_000_000, ge=1)
     min_side: int = Field(default=8, ge=1)
+    max_aspect_ratio: float = Field(default=20.0, ge=1)
+    """Longer side / shorter side. Preprocessing scales the short side to about image_size, so an 8 x
+    100,000 px strip would become gigapixels; such images get image_bad_aspect instead."""
+    read_timeout_s: float = Field(default=5.0, gt=0)
+    """Deadline for reading one image (local, FUSE or object store); past it: image_timeout."""
 
 
 class EmbedSettings(_Section):
@@ -123,7 +162,9 @@ class EmbedSettings(_Section):
     """CPU threads per task; None: spark.task.cpus, so that tasks x threads = cores."""
     decode_threads: int = Field(default=2, ge=1)
     on_removed: Literal["delete", "flag"] = "delete"
-    """Products gone from the catalog: delete their rows, or keep them with removed_at set."""
+    """Products gone from the catalog: delete their rows, or keep them with removed_at set. Either way
+    the embed stage first flags them; with delete, the neighbours stage deletes them once the neighbours
+    table no longer lists them (so no table ever lists a product another has lost)."""
     text: TextEncoderSettings = Field(default_factory=TextEncoderSettings)
     image: ImageEncoderSettings = Field(default_factory=ImageEncoderSettings)
 

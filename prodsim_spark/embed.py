@@ -19,7 +19,8 @@ text_encoder       string          encoder id (model, revision, max_tokens)
 image_encoder      string          encoder id (kind, model, weights revision, size)
 image_error        string          reason code and detail when image_embedding is null but a URI was given
 updated_at         timestamp       last time either vector was (re)computed
-removed_at         timestamp       set when the product left the catalog and embed.on_removed=flag
+removed_at         timestamp       set when the product left the catalog (deleted after the next
+                                   neighbours table when embed.on_removed=delete)
 =================  ==============  ===========================================================
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pyspark.sql import types as T
 
 from prodsim_spark.config import EmbedSettings, ImageEncoderSettings, TextEncoderSettings
 from prodsim_spark.encoders import EncoderStats
+from prodsim_spark.io import delta_commit
 from prodsim_spark.tables import live_catalog
 
 log = logging.getLogger(__name__)
@@ -242,22 +244,31 @@ def encode(plan: EmbedPlan, settings: EmbedSettings, threads: int | None) -> Dat
     )
 
 
-def merge_embeddings(spark, path: str, updates: DataFrame, on_removed: str) -> None:
+def merge_embeddings(spark, path: str, updates: DataFrame) -> None:
     """MERGE the new state into the Delta table in one transaction: changed rows updated, new rows
-    inserted, products gone from the catalog deleted (or flagged with removed_at)."""
+    inserted, products gone from the catalog flagged with removed_at. They are not deleted here: the
+    neighbours table may still list them until the join stage rewrites it (see :func:`purge_removed`)."""
     from delta.tables import DeltaTable
 
     columns = EMBEDDINGS_SCHEMA.fieldNames()
     if not DeltaTable.isDeltaTable(spark, path):
-        updates.select(*columns).write.format("delta").save(path)
+        with delta_commit(path):
+            updates.select(*columns).write.format("delta").save(path)
         return
     changed = "s.need_text OR s.need_image OR t.removed_at IS NOT NULL"
     merge = (DeltaTable.forPath(spark, path).alias("t").merge(updates.alias("s"), "t.product_id = s.product_id")
              .whenMatchedUpdate(condition=changed, set={c: f"s.{c}" for c in columns})
-             .whenNotMatchedInsert(values={c: f"s.{c}" for c in columns}))
-    if on_removed == "delete":
-        merge = merge.whenNotMatchedBySourceDelete()
-    else:
-        merge = merge.whenNotMatchedBySourceUpdate(condition="t.removed_at IS NULL",
-                                                   set={"removed_at": "current_timestamp()"})
-    merge.execute()
+             .whenNotMatchedInsert(values={c: f"s.{c}" for c in columns})
+             .whenNotMatchedBySourceUpdate(condition="t.removed_at IS NULL", set={"removed_at": "current_timestamp()"}))
+    with delta_commit(path):
+        merge.execute()
+
+
+def purge_removed(spark, path: str) -> None:
+    """Delete the rows flagged removed (``embed.on_removed: delete``), in one transaction: called once a
+    neighbours table that no longer lists them has been committed."""
+    from delta.tables import DeltaTable
+
+    if DeltaTable.isDeltaTable(spark, path):
+        with delta_commit(path):
+            DeltaTable.forPath(spark, path).delete("removed_at IS NOT NULL")

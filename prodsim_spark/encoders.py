@@ -25,7 +25,7 @@ import numpy as np
 
 from prodsim_spark.config import ImageEncoderSettings, TextEncoderSettings
 from prodsim_spark.errors import ModelError
-from prodsim_spark.io import open_uri
+from prodsim_spark.io import NotARegularFile, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +189,15 @@ def read_image(uri: str, settings: ImageEncoderSettings):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with open_uri(uri) as f:
-            data = f.read(settings.max_bytes + 1)
+        data = read_bytes(uri, settings.max_bytes + 1, settings.read_timeout_s)
     except FileNotFoundError:
         raise ImageError("image_missing", uri) from None
+    except TimeoutError:
+        raise ImageError("image_timeout", f"{uri}: not read within {settings.read_timeout_s:g} s") from None
+    except NotARegularFile:
+        raise ImageError("image_not_a_file", f"{uri}: not a regular file (a folder, pipe or device)") from None
     except (OSError, ValueError, ImportError) as exc:
-        raise ImageError("image_read_error", f"{uri}: {exc}") from None
+        raise ImageError("image_read_error", f"{uri}: {_clean(exc)}") from None
     if len(data) > settings.max_bytes:
         raise ImageError("image_too_large", f"{uri}: over {settings.max_bytes} bytes")
     try:
@@ -204,6 +207,9 @@ def read_image(uri: str, settings: ImageEncoderSettings):
                 raise ImageError("image_too_many_pixels", f"{uri}: {w}x{h} over {settings.max_pixels} pixels")
             if min(w, h) < settings.min_side:
                 raise ImageError("image_too_small", f"{uri}: {w}x{h}, under {settings.min_side} px")
+            if max(w, h) > settings.max_aspect_ratio * min(w, h):
+                raise ImageError("image_bad_aspect", f"{uri}: {w}x{h}, sides more than "
+                                                     f"{settings.max_aspect_ratio:g}:1 (embed.image.max_aspect_ratio)")
             im.load()  # decodes now: truncated or corrupt files fail here
             if im.mode in ("RGBA", "LA", "P") and ("transparency" in im.info or im.mode != "P"):
                 rgba = im.convert("RGBA")
@@ -214,8 +220,19 @@ def read_image(uri: str, settings: ImageEncoderSettings):
         raise
     except Image.DecompressionBombError as exc:
         raise ImageError("image_too_many_pixels", f"{uri}: {exc}") from None
+    except MemoryError:  # never let one image take the worker down
+        raise ImageError("image_too_large", f"{uri}: out of memory decoding it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageError("image_unreadable", f"{uri}: {exc}") from None
+        raise ImageError("image_unreadable", f"{uri}: {_clean(exc)}") from None
+
+
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def _clean(exc: BaseException) -> str:
+    """An exception's text without object addresses (PIL names its BytesIO: meaningless, and different
+    on every run, which would make every run's image_error differ)."""
+    return _OBJECT_REPR.sub("the data", str(exc)).strip() or type(exc).__name__
 
 
 def _load_state_dict(path: str):
@@ -315,7 +332,11 @@ class ImageEncoder:
 
     def load(self, uri: str):
         """Read, decode and preprocess one image (thread-safe; PIL releases the GIL while decoding)."""
-        return self.preprocess(read_image(uri, self.settings))
+        image = read_image(uri, self.settings)
+        try:
+            return self.preprocess(image)
+        except MemoryError:
+            raise ImageError("image_too_large", f"{uri}: out of memory preprocessing it") from None
 
     def encode_uris(self, uris: Sequence[str], batch_size: int = 32,
                     decode_threads: int = 2) -> tuple[list[np.ndarray | None], list[str | None]]:

@@ -45,3 +45,9 @@ class ModelError(ProdsimError):
     """An encoder's model folder or weights file is missing or does not fit the configured architecture."""
 
     exit_code = 2
+
+
+class ConflictError(ProdsimError):
+    """Another run committed to the same Delta table while this one was writing it."""
+
+    exit_code = 2

@@ -18,6 +18,9 @@ empty_row                  rejected  every canonical field is empty
 missing_product_id         rejected  product_id is empty
 duplicate_product_id       rejected  an earlier row (lower source_row) has the same product_id
 no_content                 rejected  no title, no description and no image_uri: nothing to compare
+image_not_allowed          warn      image_uri outside the allowed folders or schemes; set to null, never
+                                     opened (the URI and why in image_uri_raw)
+id_trimmed                 warn      product_id had spaces around it; they were removed
 unparsable_price           warn      price is not a number (e.g. "n/a"); price set to null
 negative_price             warn      price below zero; price set to null
 truncated_title            warn      title longer than ingest.max_title_chars; truncated
@@ -28,14 +31,17 @@ bad_encoding_<field>       warn      undecodable bytes (U+FFFD) or control chara
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import Iterable, Sequence
 
+import pandas as pd
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from prodsim_spark.config import CANONICAL_COLUMNS, IngestSettings
 from prodsim_spark.errors import CatalogError
-from prodsim_spark.io import CORRUPT_RECORD, SOURCE_ROW
+from prodsim_spark.io import CORRUPT_RECORD, SOURCE_ROW, image_uri_verdict
+from prodsim_spark.tables import live_catalog
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +95,20 @@ def resolve_image_uri(uri: Column, image_root: str | None) -> Column:
     return F.when(relative, F.concat(F.lit(image_root.rstrip("/") + "/"), uri)).otherwise(uri)
 
 
+def image_policy(uri: Column, roots: Sequence[str], schemes: Sequence[str]) -> Column:
+    """struct<uri, why>: the URI to read (local paths resolved, symlinks included) when the image
+    policy allows it, else a null uri and why (see :func:`prodsim_spark.io.image_uri_verdict`).
+    A Python UDF, unlike the rest of ingest: resolving symlinks needs the filesystem."""
+    roots, schemes = list(roots), list(schemes)
+
+    @F.pandas_udf("uri string, why string")
+    def verdict(uris: pd.Series) -> pd.DataFrame:
+        found = [image_uri_verdict(u, roots, schemes) if isinstance(u, str) else (None, None) for u in uris]
+        return pd.DataFrame(found, columns=["uri", "why"], dtype=object)
+
+    return verdict(uri)
+
+
 def source_from_id(product_id: Column, separator: str | None) -> Column:
     """The id's prefix before the first ``separator`` ("amazon:b000jz4hqo" -> "amazon"); null without one."""
     if not separator:
@@ -118,8 +138,11 @@ def validate_catalog(raw: DataFrame, settings: IngestSettings, *, image_root: st
     def flag(condition: Column, code: str) -> None:
         reasons.append(F.when(condition, F.lit(code)))
 
-    # text fields: clean, flag encoding damage, truncate over-long values
-    out: dict[str, Column] = {"product_id": _clean_text(source("product_id"))}
+    # text fields: clean, flag encoding damage, truncate over-long values. Ids are trimmed, and a
+    # trimmed id says so: " A1" and "A1" are one product, and the later row is a duplicate of it
+    raw_id = source("product_id").cast("string")
+    out: dict[str, Column] = {"product_id": _clean_text(raw_id)}
+    flag((F.trim(raw_id) != raw_id) & (F.trim(raw_id) != ""), "id_trimmed")
     for field in TEXT_FIELDS:
         raw_text = source(field).cast("string")
         flag(raw_text.contains("\ufffd") | raw_text.rlike(_CONTROL), f"bad_encoding_{field}")
@@ -129,10 +152,19 @@ def validate_catalog(raw: DataFrame, settings: IngestSettings, *, image_root: st
         out[field] = F.substring(out[field], 1, limit)
 
     out["source"] = F.coalesce(out["source"], source_from_id(out["product_id"], settings.source_id_separator))
-    out["image_uri"] = resolve_image_uri(out["image_uri"], settings.image_root or image_root)
+    # the image policy: only images under the allowed folders or of the allowed schemes are ever opened
+    resolved = resolve_image_uri(out["image_uri"], settings.image_root or image_root)
+    roots = [r for r in (image_root, settings.image_root, *settings.image_roots) if r]
+    checked = image_policy(resolved, roots, settings.image_schemes)
+    flag(resolved.isNotNull() & checked["why"].isNotNull(), "image_not_allowed")
+    image_refused = F.when(checked["why"].isNotNull(), F.concat(resolved, F.lit(": "), checked["why"]))
+    out["image_uri"] = F.when(resolved.isNotNull(), checked["uri"])
 
     raw_price = source("price")
-    price_text = F.trim(raw_price.cast("string"))
+    price_type = raw.schema[mapping["price"]].dataType if "price" not in missing else None
+    # a JSON price given as an object ({"amount": 5, "currency": "EUR"}) keeps its keys in price_raw
+    nested = isinstance(price_type, (T.StructType, T.MapType, T.ArrayType))
+    price_text = F.trim(F.to_json(raw_price) if nested else raw_price.cast("string"))
     has_price = raw_price.isNotNull() & (price_text != "")
     parsed = parse_price(raw_price)
     flag(has_price & parsed.isNull(), "unparsable_price")
@@ -162,6 +194,7 @@ def validate_catalog(raw: DataFrame, settings: IngestSettings, *, image_root: st
         extras.append(F.col(f"`{name}`").alias(alias))
     if "price" not in missing:
         extras.append(price_text.alias("price_raw"))
+    extras.append(image_refused.alias("image_uri_raw"))
 
     df = raw.select(*[out[c].alias(c) for c in CANONICAL_COLUMNS], F.col(SOURCE_ROW),
                     F.array_compact(F.array(*reasons)).alias("__reasons"), *extras)
@@ -179,6 +212,31 @@ def validate_catalog(raw: DataFrame, settings: IngestSettings, *, image_root: st
     front = [*CANONICAL_COLUMNS, "status", "reason", SOURCE_ROW]
     df = df.withColumn("status", status).withColumn("reason", reason).drop("__reasons")
     return df.select(*front, *[c for c in df.columns if c not in front])
+
+
+def check_export(catalog: DataFrame, previous: DataFrame | None, settings: IngestSettings, *, path: str) -> None:
+    """Refuse an export that would wipe a run's state, before anything is written: one with no valid
+    product (a header-only file, every row rejected), or, on a re-run, one that drops more than
+    ``ingest.max_removed_share`` of the last run's live products. Raises CatalogError (exit 2)."""
+    live = live_catalog(catalog).select("product_id")
+    if live.limit(1).count() == 0:
+        reasons = reason_counts(catalog)
+        rows = catalog.count()
+        detail = (f"{rows} rows, all rejected: " + ", ".join(f"{c} {n}" for c, n in reasons.items())
+                  if rows else "no rows (an empty or header-only export)")
+        raise CatalogError(f"no product passed validation ({detail}); nothing was written, every table of the "
+                           f"run is as it was", stage="ingest", path=path)
+    if previous is None or settings.max_removed_share >= 1:
+        return
+    before = live_catalog(previous).select("product_id")
+    known = before.count()
+    removed = before.join(live, "product_id", "left_anti").count()
+    if known and removed / known > settings.max_removed_share:
+        raise CatalogError(
+            f"{removed} of the last run's {known} products ({removed / known:.0%}) are not in this export, more than "
+            f"ingest.max_removed_share ({settings.max_removed_share:.0%}); an export that shrinks this much is "
+            f"usually broken upstream, so nothing was written. If the removal is real, re-run with "
+            f"--set ingest.max_removed_share=1", stage="ingest", path=path)
 
 
 def reason_counts(catalog: DataFrame) -> dict[str, int]:

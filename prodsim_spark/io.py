@@ -8,7 +8,12 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
+import stat
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Sequence
 from urllib.parse import urlparse
 
 from pyspark.sql import DataFrame, SparkSession
@@ -16,7 +21,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from prodsim_spark.config import IngestSettings
-from prodsim_spark.errors import CatalogError, InputError
+from prodsim_spark.errors import CatalogError, ConflictError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +157,30 @@ def with_source_row(df: DataFrame) -> DataFrame:
             .drop("__mid", "__part", "__offset"))
 
 
+# Delta's optimistic concurrency: the commit of a transaction that another writer got ahead of
+_CONFLICT = re.compile(r"DELTA_(CONCURRENT_\w+|PROTOCOL_CHANGED|METADATA_CHANGED)|Concurrent\w*Exception|"
+                       r"ProtocolChangedException|MetadataChangedException")
+
+
+@contextmanager
+def delta_commit(path: str):
+    """Turn a Delta write conflict into a ConflictError naming the table. Decision: no automatic retry:
+    two runs on one output interleave their stages, and a retried commit would mix their inputs;
+    the losing run stops with nothing of it committed to that table, and a re-run is safe."""
+    try:
+        yield
+    except Exception as exc:
+        if _CONFLICT.search(f"{type(exc).__name__} {exc}"):
+            raise ConflictError("another run is writing to this table; nothing of this run was committed to "
+                                "it; re-run when that run is done", path=path) from None
+        raise
+
+
 def write_delta(df: DataFrame, path: str, *, mode: str = "overwrite") -> None:
     """Write a Delta table in one transaction (a crash leaves the previous version readable)."""
-    (df.write.format("delta").mode(mode).option("overwriteSchema", "true" if mode == "overwrite" else "false")
-     .save(path))
+    with delta_commit(path):
+        (df.write.format("delta").mode(mode).option("overwriteSchema", "true" if mode == "overwrite" else "false")
+         .save(path))
 
 
 def read_delta(spark: SparkSession, path: str) -> DataFrame:
@@ -178,6 +203,56 @@ def open_uri(uri: str):
     import fsspec
 
     return fsspec.open(uri, "rb").open()
+
+
+class NotARegularFile(OSError):
+    """A local path that is a folder, a pipe, a device or a socket: never opened (a read could block)."""
+
+
+def read_bytes(uri: str, limit: int, timeout_s: float) -> bytes:
+    """Up to ``limit`` bytes of ``uri``, within ``timeout_s`` seconds or TimeoutError.
+
+    A local path must be a regular file (a named pipe or device would block or never end). The read
+    runs in a daemon thread: a read that blocks (a stalled network mount, a slow object store) costs
+    the caller its deadline, not the job, and the thread does not keep the worker process alive."""
+    box: dict = {}
+
+    def work() -> None:
+        try:
+            local = local_path(uri) if not uri.startswith("dbfs:") else None
+            if local is not None and not stat.S_ISREG(os.stat(local).st_mode):
+                raise NotARegularFile(f"{uri}: not a regular file")
+            with open_uri(uri) as f:
+                box["data"] = f.read(limit)
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    reader = threading.Thread(target=work, daemon=True, name="prodsim-read")
+    reader.start()
+    reader.join(timeout_s)
+    if reader.is_alive():
+        raise TimeoutError(f"{uri}: no data within {timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["data"]
+
+
+def image_uri_verdict(uri: str, roots: Sequence[str], schemes: Sequence[str]) -> tuple[str | None, str | None]:
+    """(the URI to read, None) when the image policy allows ``uri``, else (None, why).
+
+    Local paths (plain or ``file://``) are resolved, symlinks included, and must lie under one of
+    ``roots``; the resolved path is what gets read. Other URIs must use one of ``schemes``."""
+    parsed = urlparse(uri)
+    if parsed.scheme and parsed.scheme != "file" and len(parsed.scheme) > 1:
+        if parsed.scheme.lower() in {s.lower() for s in schemes}:
+            return uri, None
+        return None, f"scheme {parsed.scheme}: is not in ingest.image_schemes"
+    path = os.path.realpath(parsed.path if parsed.scheme == "file" else uri)
+    for root in roots:
+        real_root = os.path.realpath(root)
+        if path == real_root or path.startswith(real_root.rstrip(os.sep) + os.sep):
+            return path, None
+    return None, "outside the catalog folder and ingest.image_roots"
 
 
 def read_pairs(spark: SparkSession, path: str, left_col: str | None = None, right_col: str | None = None

@@ -41,6 +41,8 @@ def lexical_vectors(catalog: DataFrame, settings: LexicalSettings) -> DataFrame:
     """(product_id, lexical_embedding: array<float>, unit length) for products with lexical text;
     products with none get null (the channel is then missing for them, and renormalised away)."""
     text = lexical_text(catalog, settings).withColumn("padded", F.concat(F.lit(" "), "lexical_text", F.lit(" ")))
+    if text.limit(1).count() == 0:  # Spark ML's IDF cannot be fitted on no documents
+        return text.select("product_id", F.lit(None).cast("array<float>").alias("lexical_embedding"))
     words = RegexTokenizer(inputCol="lexical_text", outputCol="words", pattern=r"\s+", minTokenLength=1)
     # characters of the padded text, so n-grams also mark word starts and ends (" ps", "0h ")
     chars = RegexTokenizer(inputCol="padded", outputCol="chars", pattern="", gaps=True, toLowercase=False,

@@ -43,8 +43,11 @@ def run_ingest(spark: SparkSession, catalog_path: str, output: str, config: Prod
     path = tables.catalog
     with stage(spark, "ingest", f"validate {catalog_path} -> {path}"):
         raw = io.read_catalog(spark, catalog_path, config.ingest)
-        catalog = ingest.validate_catalog(raw, config.ingest, image_root=io.catalog_folder(catalog_path))
+        catalog = ingest.validate_catalog(raw, config.ingest, image_root=io.catalog_folder(catalog_path)).persist()
+        previous = tables.read(spark, CATALOG) if tables.exists(spark, CATALOG) else None
+        ingest.check_export(catalog, previous, config.ingest, path=catalog_path)
         io.write_delta(catalog, path)
+        catalog.unpersist()
         written = io.read_delta(spark, path)  # count what landed, not a recomputation
         result.status = ingest.status_counts(written)
         result.reasons = ingest.reason_counts(written)
@@ -85,7 +88,7 @@ def run_embed(spark: SparkSession, output: str, config: ProdsimConfig, result: R
         ).first().asDict()
         removed = 0 if existing is None else (
             live_embeddings(existing).join(updates.select("product_id"), "product_id", "left_anti").count())
-        embed.merge_embeddings(spark, path, updates, settings.on_removed)
+        embed.merge_embeddings(spark, path, updates)
         updates.unpersist()
     result.embed = {k: int(v or 0) for k, v in counts.items()} | {"removed": removed}
     result.tables[EMBEDDINGS] = path
@@ -122,6 +125,8 @@ def run_join(spark: SparkSession, output: str, config: ProdsimConfig, result: Ru
         io.write_delta(join.neighbours_table(catalog, found), path)
         products.unpersist()
         result.join = neighbours_counts(tables.read(spark, NEIGHBOURS))  # what landed
+        if config.embed.on_removed == "delete":  # no table lists them any more: safe to delete now
+            embed.purge_removed(spark, tables.embeddings)
     result.tables[NEIGHBOURS] = path
     log.info("[join] %d rows, %d with neighbours", result.join["rows"], result.join["with_neighbours"])
     return result

@@ -23,7 +23,7 @@ from pyspark.sql import functions as F
 
 from prodsim_spark import evaluate
 from prodsim_spark.fusion import PARTS
-from prodsim_spark.io import open_uri
+from prodsim_spark.io import read_bytes
 from prodsim_spark.tables import live_catalog, neighbours_counts
 
 log = logging.getLogger(__name__)
@@ -122,14 +122,19 @@ def _histograms(listed: DataFrame, lo: float, hi: float) -> tuple[list[int], lis
 
 # ---------------------------------------------------------------- rendering (no Spark below)
 
+THUMBNAIL_MAX_BYTES, THUMBNAIL_TIMEOUT_S = 20_000_000, 5.0
+
+
 def thumbnail(uri: str | None, size: int = 120) -> str | None:
-    """A JPEG data URI of the image scaled to fit ``size`` px, or None when it cannot be read."""
+    """A JPEG data URI of the image scaled to fit ``size`` px, or None when it cannot be read (within
+    a deadline: the catalog's image_uri passed ingest's image policy, but the file may still block)."""
     if not uri:
         return None
     from PIL import Image
 
     try:
-        with open_uri(uri) as f, Image.open(f) as im:
+        data = read_bytes(uri, THUMBNAIL_MAX_BYTES, THUMBNAIL_TIMEOUT_S)
+        with Image.open(io.BytesIO(data)) as im:
             im.draft("RGB", (size, size))  # JPEGs decode at a reduced scale: a big photo costs little
             im.thumbnail((size, size))
             rgb = im.convert("RGBA")

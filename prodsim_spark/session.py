@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -88,12 +89,21 @@ def get_session(settings: SparkSettings | None = None):
     return _local_session(settings)
 
 
+def local_master(settings: SparkSettings) -> str:
+    """The master URL with task retries: ``local[N]`` becomes ``local[N,task_attempts]`` (local mode reads
+    its retry count from the URL and ignores spark.task.maxFailures); a URL that says F keeps it."""
+    match = re.fullmatch(r"local(\[(\*|\d+)\])?", settings.master)
+    if not match:
+        return settings.master
+    return f"local[{match.group(2) or 1},{settings.task_attempts}]"
+
+
 def _local_session(settings: SparkSettings):
     from pyspark.sql import SparkSession
 
     cores = os.cpu_count() or 2
     builder = (
-        SparkSession.builder.master(settings.master)
+        SparkSession.builder.master(local_master(settings))
         .appName(settings.app_name)
         .config("spark.driver.memory", settings.driver_memory)
         # The Python workers must import the same pandas/torch as this process.

@@ -8,7 +8,7 @@ import pytest
 from prodsim_spark import embed, io
 from prodsim_spark.config import load_config
 from prodsim_spark.encoders import TextEncoder
-from prodsim_spark.pipeline import RunResult, run_embed, run_ingest
+from prodsim_spark.pipeline import RunResult, run_embed, run_ingest, run_join
 from conftest import ROOT
 
 FIELDS = ["product_id", "title", "description", "brand", "category", "price", "image_uri"]
@@ -65,10 +65,14 @@ def test_incremental_runs_encode_only_what_changed(spark, tmp_path):
     rows[1]["image_uri"] = "img/G001.jpg"               # P2: image changed
     rows[3] = dict(product_id="P5", title="Pear")       # P4 removed, P5 new
     write_catalog(catalog, rows)
-    third, _ = run(spark, catalog, out)
+    third, config = run(spark, catalog, out)
     assert (third["text_encoded"], third["image_encoded"], third["removed"], third["new_products"]) == (2, 1, 1, 1)
     after = vectors(spark, out)
-    assert set(after) == {"P1", "P2", "P3", "P5"}
+    # P4 is flagged, not yet deleted: the neighbours table of the last run may still list it
+    assert {p for p, r in after.items() if r["removed_at"] is None} == {"P1", "P2", "P3", "P5"}
+    assert after["P4"]["removed_at"] is not None
+    run_join(spark, str(out), config, RunResult(output=str(out)))  # a neighbours table without P4: now deleted
+    assert set(vectors(spark, out)) == {"P1", "P2", "P3", "P5"}
     assert after["P1"]["image_embedding"] == got["P1"]["image_embedding"]  # untouched modality kept
     assert after["P2"]["text_embedding"] == got["P2"]["text_embedding"]
     assert after["P2"]["image_embedding"] != got["P2"]["image_embedding"]

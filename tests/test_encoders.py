@@ -94,3 +94,75 @@ def test_file_uri_scheme(image_encoder, tmp_path):
     path = ROOT / "data/sample/images/G006.jpg"
     vecs, errs = image_encoder.encode_uris([path.as_uri(), str(path)])
     assert errs == [None, None] and np.abs(vecs[0] - vecs[1]).max() < 1e-6
+
+
+def test_reads_that_block_or_are_not_files_end_with_a_reason(tmp_path, monkeypatch):
+    """A named pipe (or a stalled mount) used to hang the embed stage forever."""
+    import os
+    import time
+
+    from prodsim_spark import io
+    from prodsim_spark.encoders import ImageError, read_image
+
+    pipe = tmp_path / "pipe.jpg"
+    os.mkfifo(pipe)
+    settings = ImageEncoderSettings(read_timeout_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(ImageError) as err:
+        read_image(str(pipe), settings)
+    assert err.value.code == "image_not_a_file" and time.monotonic() - started < 1.0  # refused, not opened
+    with pytest.raises(ImageError) as err:
+        read_image(str(tmp_path), settings)  # a folder
+    assert err.value.code == "image_not_a_file"
+
+    def stalled(uri):  # what a hung network mount or object store does
+        time.sleep(30)
+
+    monkeypatch.setattr(io, "open_uri", stalled)
+    started = time.monotonic()
+    with pytest.raises(ImageError) as err:
+        read_image(str(ROOT / "data/sample/images/G006.jpg"), settings)
+    assert err.value.code == "image_timeout" and time.monotonic() - started < 5
+
+
+def test_extreme_aspect_ratio_is_refused_before_preprocessing(tmp_path, image_encoder):
+    """An 8 x 100,000 px PNG of 2 KB took 3.4 GB to preprocess (the short side is scaled up first)."""
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (100_000, 8), (0, 0, 0)).save(strip)
+    assert strip.stat().st_size < 50_000
+    vectors, errors = image_encoder.encode_uris([str(strip)])
+    assert vectors == [None] and errors[0].startswith("image_bad_aspect:") and "100000x8" in errors[0]
+
+
+def test_image_errors_carry_no_object_addresses(tmp_path, image_encoder):
+    """PIL names its BytesIO (<_io.BytesIO object at 0x7f...>): a text that differs on every run."""
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"not an image at all")
+    _, errors = image_encoder.encode_uris([str(junk)])
+    assert errors[0].startswith("image_unreadable:") and "0x" not in errors[0] and str(junk) in errors[0]
+
+
+def test_image_uri_policy(tmp_path):
+    from prodsim_spark.io import image_uri_verdict
+
+    shop = tmp_path / "shop"
+    (shop / "img").mkdir(parents=True)
+    (shop / "img" / "a.jpg").write_bytes(b"x")
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(b"x")
+    (shop / "img" / "link.jpg").symlink_to(secret)
+    schemes = ["s3a", "dbfs"]
+
+    def verdict(uri, roots=(str(shop),)):
+        return image_uri_verdict(uri, list(roots), schemes)
+
+    assert verdict(str(shop / "img" / "a.jpg")) == (str((shop / "img" / "a.jpg").resolve()), None)
+    assert verdict((shop / "img" / "a.jpg").as_uri())[1] is None
+    assert verdict("s3a://bucket/a.jpg") == ("s3a://bucket/a.jpg", None)
+    assert verdict("dbfs:/mnt/a.jpg")[1] is None
+    for refused in (str(shop / "img" / ".." / ".." / "secret.jpg"), str(secret), secret.as_uri(),
+                    str(shop / "img" / "link.jpg"), "/proc/self/environ", "http://169.254.169.254/latest",
+                    "https://example.com/a.jpg"):
+        uri, why = verdict(refused)
+        assert uri is None and why, refused
+    assert verdict(str(secret), roots=(str(shop), str(tmp_path)))[1] is None  # a configured extra root

@@ -172,3 +172,44 @@ def test_pipeline_round_trip_through_delta(spark, tmp_path):
     from delta.tables import DeltaTable
     assert DeltaTable.forPath(spark, str(out / "catalog")).history().count() == 2
     assert io.read_delta(spark, str(out / "catalog")).count() == 9
+
+
+def test_image_paths_outside_the_catalog_are_never_opened(spark, tmp_path):
+    """Seller catalogs are untrusted: an image_uri may only point under the catalog's folder (or a
+    configured root) or use an allowed scheme; anything else is flagged and set to null."""
+    shop = tmp_path / "shop"
+    (shop / "img").mkdir(parents=True)
+    (shop / "img" / "ok.jpg").write_bytes(b"x")
+    secret = tmp_path / "private.jpg"
+    secret.write_bytes(b"x")
+    (shop / "img" / "link.jpg").symlink_to(secret)
+    uris = ["img/ok.jpg", "../private.jpg", str(secret), secret.as_uri(), "img/link.jpg", "/proc/self/environ",
+            "http://169.254.169.254/latest/meta-data", "s3a://bucket/a.jpg"]
+    path = shop / "cat.csv"
+    path.write_text("product_id,title,image_uri\n" + "".join(f"P{i},t{i},{u}\n" for i, u in enumerate(uris)))
+    rows, _ = ingest_rows(spark, path, image_root=str(shop))
+    by_uri = dict(zip(uris, (rows[i] for i in range(len(uris)))))
+    assert by_uri["img/ok.jpg"]["image_uri"] == str((shop / "img" / "ok.jpg").resolve())
+    assert by_uri["img/ok.jpg"]["reason"] is None and by_uri["img/ok.jpg"]["image_uri_raw"] is None
+    assert by_uri["s3a://bucket/a.jpg"]["image_uri"] == "s3a://bucket/a.jpg"
+    for uri in uris[1:-1]:
+        row = by_uri[uri]
+        assert row["image_uri"] is None and row["reason"] == "image_not_allowed" and row["status"] == "warn", uri
+        assert row["image_uri_raw"] and ": " in row["image_uri_raw"]
+    # a root the user allows
+    allowed = IngestSettings(image_roots=[str(tmp_path)])
+    rows, _ = ingest_rows(spark, path, allowed, image_root=str(shop))
+    assert rows[2]["image_uri"] == str(secret.resolve()) and rows[2]["reason"] is None
+
+
+def test_trimmed_ids_and_json_price_objects_say_what_happened(spark, tmp_path):
+    path = tmp_path / "cat.csv"
+    path.write_text("product_id,title\nA1,first\n A1 ,second\n")
+    rows, _ = ingest_rows(spark, path)
+    assert rows[1]["product_id"] == "A1" and rows[1]["status"] == "rejected"
+    assert set(rows[1]["reason"].split(";")) == {"id_trimmed", "duplicate_product_id"}  # says why it collides
+    feed = tmp_path / "cat.jsonl"
+    feed.write_text('{"product_id": "J1", "title": "t", "price": {"amount": 5, "currency": "EUR"}}\n')
+    rows, _ = ingest_rows(spark, feed)
+    assert json.loads(rows[0]["price_raw"]) == {"amount": "5", "currency": "EUR"}  # keys kept
+    assert rows[0]["reason"] == "unparsable_price"
