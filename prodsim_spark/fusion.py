@@ -7,7 +7,14 @@ Fused score of a pair (q, m)::
 over the components c = text, image, lexical (cosine of L2-normalised vectors), brand, category (1 if
 equal, else 0) and price (exp(-|log p_q - log p_m| / price_scale)), where a_c is 1 when both
 products have component c. Renormalising over the components both products have keeps scores of
-text-only, image-only and full products on one scale. When two products come from the same source
+text-only, image-only and full products on one scale.
+
+Content first: a pair is compared only when the two products share a *content* component (text,
+image or lexical; see :func:`shared_content`). Brand, category and price say how alike two products
+are that already look or read alike; on their own they would rank any two products of one price as
+near-twins (renormalised over the price term alone, a text-only apple listing and a photo-only
+pepper listing of the same price scored 0.92). Such pairs score NaN: never listed. Only when no
+content component has a weight do the attributes stand alone. When two products come from the same source
 (feed, seller) of a catalog with several, ``same_source_penalty`` is subtracted (see
 ``JoinSettings.same_source_penalty``). Each component's *contribution* ``w_c * a_c * sim_c / sum w a``
 is reported, and the penalty as the part ``same_source``; the parts add up to the score.
@@ -86,10 +93,17 @@ def same_source(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a == b) & (a >= 0)
 
 
+def shared_content(avail: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Where a pair shares a content component (any of DENSE in ``avail``), or None when no content
+    component is in play at all (then the attributes are all there is to compare)."""
+    content = [avail[name] for name in DENSE if name in avail]
+    return np.logical_or.reduce(content) if content else None
+
+
 def pair_scores(q: Products, m: Products, weights: FusionWeights, *, price_scale: float,
                 same_source_penalty: float = 0.0):
     """(score, parts) for every pair: (|q|, |m|) matrices, parts by name (see PARTS; only those in
-    play); score is NaN where no component is shared."""
+    play); score is NaN where the pair shares no content component (see module docstring)."""
     weights = weights.as_dict()
     sims, avail = {}, {}
     for name in DENSE:
@@ -104,8 +118,12 @@ def pair_scores(q: Products, m: Products, weights: FusionWeights, *, price_scale
     total = np.zeros((len(q), len(m)), dtype=np.float32)
     for name in sims:
         total += weights[name] * avail[name]
+    comparable = total > 0
+    content = shared_content(avail)
+    if content is not None:
+        comparable &= content
     with np.errstate(invalid="ignore", divide="ignore"):
-        inv = np.where(total > 0, 1.0 / total, np.nan).astype(np.float32)
+        inv = np.where(comparable, 1.0 / total, np.nan).astype(np.float32)
     contributions = {name: (weights[name] * avail[name] * sims[name] * inv).astype(np.float32) for name in sims}
     if same_source_penalty > 0:
         contributions["same_source"] = np.where(same_source(q.source[:, None], m.source[None, :]),

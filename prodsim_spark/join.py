@@ -228,16 +228,26 @@ def find_neighbours(products: DataFrame, settings: JoinSettings) -> DataFrame:
         *[F.col(f"n_{f}")[i].alias(f) for f in NEIGHBOUR.fieldNames()])).alias("neighbours"))
 
 
-def neighbours_table(catalog: DataFrame, neighbours: DataFrame) -> DataFrame:
-    """One row per catalog row: its neighbours, or an empty list and the reason there are none."""
-    found = neighbours.withColumnRenamed("neighbours", "found")
+def neighbours_table(catalog: DataFrame, neighbours: DataFrame, embeddings: DataFrame | None = None) -> DataFrame:
+    """One row per catalog row: its neighbours, or an empty list and the reason there are none:
+    the ingest reason of a rejected row, ``no_embedding`` (no text or image vector: e.g. its only
+    image was unreadable), or ``no_shared_content`` (no other product shares a content component
+    with it). ``embeddings`` (the embeddings table) tells the first two apart."""
+    found = neighbours.withColumnRenamed("neighbours", "found").withColumn("joined", F.lit(True))
+    if embeddings is not None:
+        vectors = live_embeddings(embeddings).select(
+            "product_id", (F.col("text_embedding").isNotNull() | F.col("image_embedding").isNotNull()).alias("has_vector"))
+        found = found.join(vectors, "product_id", "left")
+    else:
+        found = found.withColumn("has_vector", F.lit(True))
     empty = F.array().cast(T.ArrayType(NEIGHBOUR))
-    rows = catalog.select("product_id", "source_row", "status", "reason").join(
-        found.withColumn("joined", F.lit(True)), "product_id", "left")
+    rows = catalog.select("product_id", "source_row", "status", "reason").join(found, "product_id", "left")
     rejected = F.col("status") == "rejected"
+    no_vector = F.col("joined").isNull() | ~F.coalesce(F.col("has_vector"), F.lit(False))
     return rows.select(
         "product_id", "source_row", "status",
         F.when(rejected, F.col("reason"))
-        .when(F.col("joined").isNull(), F.concat_ws(";", F.col("reason"), F.lit("no_embedding")))
+        .when(no_vector, F.concat_ws(";", F.col("reason"), F.lit("no_embedding")))
+        .when(F.size("found") == 0, F.concat_ws(";", F.col("reason"), F.lit("no_shared_content")))
         .otherwise(F.col("reason")).alias("reason"),
         F.when(rejected | F.col("joined").isNull(), empty).otherwise(F.col("found")).alias("neighbours"))

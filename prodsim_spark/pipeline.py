@@ -122,7 +122,7 @@ def run_join(spark: SparkSession, output: str, config: ProdsimConfig, result: Ru
     with stage(spark, "join", f"top-{config.join.k} fused neighbours -> {path}"):
         products = join_products(catalog, embeddings, config, with_lexical=config.join.weights.lexical > 0)
         found = join.find_neighbours(products, config.join)
-        io.write_delta(join.neighbours_table(catalog, found), path)
+        io.write_delta(join.neighbours_table(catalog, found, embeddings), path)
         products.unpersist()
         result.join = neighbours_counts(tables.read(spark, NEIGHBOURS))  # what landed
         if config.embed.on_removed == "delete":  # no table lists them any more: safe to delete now

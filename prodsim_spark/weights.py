@@ -46,6 +46,12 @@ def pair_components(a: fusion.Products, b: fusion.Products, price_scale: float) 
     return sims, avail
 
 
+def comparable(avail: np.ndarray) -> np.ndarray:
+    """Rows (pairs) the join compares: those sharing a content component (see fusion.shared_content)."""
+    content = [fusion.COMPONENTS.index(name) for name in fusion.DENSE]
+    return avail[:, content].any(axis=1) | ~avail[:, content].any(axis=0).any()
+
+
 def fused(weights: np.ndarray, sims: np.ndarray, avail: np.ndarray) -> np.ndarray:
     w = avail * weights
     total = w.sum(axis=1)
@@ -148,8 +154,10 @@ def fit_on_lists(products: DataFrame, lists: dict[str, DataFrame], pairs: DataFr
     ok = (qi >= 0) & (mi >= 0)
     a, b = p.take(qi[ok]), p.take(mi[ok])
     sims, avail = pair_components(a, b, config.join.price_scale)
-    return fit(sims, avail, qi[ok], cand["positive"].to_numpy(dtype=bool)[ok], start=config.join.weights,
-               same=fusion.same_source(a.source, b.source), start_penalty=config.join.same_source_penalty)
+    keep = comparable(avail)  # pairs sharing no content are never listed, whatever the weights
+    return fit(sims[keep], avail[keep], qi[ok][keep], cand["positive"].to_numpy(dtype=bool)[ok][keep],
+               start=config.join.weights, same=fusion.same_source(a.source, b.source)[keep],
+               start_penalty=config.join.same_source_penalty)
 
 
 def cross_validated(products: DataFrame, lists: dict[str, DataFrame], pairs: DataFrame, config: ProdsimConfig

@@ -109,3 +109,25 @@ def test_nearest_cells_sorted():
     c = np.eye(3, dtype=np.float32)
     x = np.array([[0.1, 0.9, 0.3]], dtype=np.float32)
     assert list(fusion.nearest_cells(x, c, 2)[0]) == [1, 2]
+
+
+def test_a_pair_with_no_shared_content_is_never_listed():
+    """Grocery-like listings: a text-only 'royal gala' (no photo) and a photo-only pepper listing of the same
+    price share nothing but the price; renormalised over price alone they scored 0.92 and came first."""
+    d = FusionWeights()  # the default weights: text, image, lexical, brand, category, price
+    n = 4
+    text = [[1, 0], None, [0.8, 0.6], None]          # gala (text only), peppers (photo only), apple (text + photo), pepper (photo only)
+    image = [None, [1, 0], [0.6, 0.8], [0.9, 0.44]]
+    p = products(["gala", "peppers", "apple", "pepper2"], text=text, image=image, price=[2.0, 2.0, 2.5, 9.0])
+    lexical, has_lexical = fusion.stack_vectors([[1, 0], None, [0.9, 0.44], None], 2)
+    p.vectors["lexical"], p.has["lexical"] = lexical, has_lexical
+    score, parts = fusion.pair_scores(p, p, d, price_scale=0.5)
+    assert np.isnan(score[0, 1]) and np.isnan(score[1, 0])  # gala vs peppers: price alone, not compared
+    assert np.isfinite(score[0, 2]) and np.isfinite(score[1, 3])  # text with text, photo with photo
+    rows, cols = fusion.top_k(score, p.ids, p.ids, k=3)
+    listed = {p.ids[r]: [p.ids[c] for c, rr in zip(cols, rows) if rr == r] for r in set(rows)}
+    assert listed["gala"] == ["apple"] and "gala" not in listed["peppers"]
+    assert all(np.isnan(v[0, 1]) for v in parts.values())  # no part of it is reported either
+    # with no content weight at all, the attributes are all there is: then they do compare
+    only_price, _ = fusion.pair_scores(p, p, FusionWeights.only(price=1.0), price_scale=0.5)
+    assert np.isclose(only_price[0, 1], 1.0)

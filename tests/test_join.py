@@ -4,6 +4,7 @@ import pytest
 
 from benchmarks.join import exact_top_k
 from prodsim_spark import join
+from pyspark.sql import functions as F
 from prodsim_spark.config import FusionWeights, load_config
 
 TEXT_ONLY = ["join.weights.image=0", "join.weights.brand=0", "join.weights.category=0", "join.weights.price=0"]
@@ -102,3 +103,19 @@ def test_a_cell_with_no_home_products_returns_an_empty_frame_arrow_can_convert()
                           price_scale=0.5, k=5)
     assert len(out) == 0
     pa.Array.from_pandas(out["n_product_id"], type=pa.list_(pa.string()))  # raised before the fix
+
+
+def test_products_sharing_no_content_are_not_neighbours(spark):
+    rows = [("gala", [1.0, 0.0], None, 2.0), ("peppers", None, [1.0, 0.0], 2.0),
+            ("apple", [0.8, 0.6], [0.6, 0.8], 2.5), ("lone", None, None, 2.0)]
+    df = spark.createDataFrame(rows, "product_id string, text_embedding array<float>, image_embedding array<float>, "
+                                     "price double").selectExpr("*", "log(price) AS log_price").drop("price")
+    found = neighbour_ids(join.find_neighbours(df, load_config().join))
+    assert found["gala"] == ["apple"] and found["peppers"] == ["apple"] and found["lone"] == []
+    catalog = spark.createDataFrame([(p, i, "ok", None) for i, (p, *_) in enumerate(rows)],
+                                    "product_id string, source_row long, status string, reason string")
+    embeddings = df.select("product_id", "text_embedding", "image_embedding").withColumn(
+        "removed_at", F.lit(None).cast("timestamp"))
+    table = {r["product_id"]: r for r in join.neighbours_table(catalog, join.find_neighbours(df, load_config().join),
+                                                               embeddings).collect()}
+    assert table["lone"]["reason"] == "no_embedding" and table["gala"]["reason"] is None
