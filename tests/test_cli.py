@@ -97,7 +97,14 @@ def test_user_errors_end_as_short_messages_before_spark(tmp_path):
     assert "grocery dataset folder does not exist" in dataset.stderr
     pairs = run_cli("evaluate", "--output", str(tmp_path), "--pairs", str(tmp_path / "none.csv"))
     assert pairs.returncode == 2 and "none.csv" in pairs.stderr
-    for proc in (model, weights, disagree, dataset, pairs):
+    # these used to start a JVM and die in it (JAVA_GATEWAY_EXITED, a Java stack)
+    memory = run_cli("run", "--catalog", str(SAMPLE_CATALOG), "--output", str(tmp_path / "o"),
+                     "--set", "spark.driver_memory=abc")
+    assert memory.returncode == 2 and "spark.driver_memory" in memory.stderr and "4g" in memory.stderr
+    master = run_cli("run", "--catalog", str(SAMPLE_CATALOG), "--output", str(tmp_path / "o"),
+                     "--set", "spark.master=bogus://x")
+    assert master.returncode == 2 and "spark.master" in master.stderr and "bogus://x" in master.stderr
+    for proc in (model, weights, disagree, dataset, pairs, memory, master):
         assert "Traceback" not in proc.stderr and SPARK_STARTED not in proc.stderr + proc.stdout
 
 
