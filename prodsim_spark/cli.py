@@ -121,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     b_quality.add_argument("--json", action="store_true")
     _add_config_args(b_quality)
 
+    b_ft = bench_sub.add_parser(
+        "fine-tune", help="pretrained vs fine-tuned encoders on products the training never saw",
+        description="amazon-google: two folds by connected component of the match pairs; fine-tune the text "
+                    "encoder on one fold's pairs, measure on the other fold's products in the whole pooled catalog "
+                    "(content only and default), medians over the folds. grocery: fine-tune on the train split's "
+                    "groups, measure with the val split's listings as queries in a catalog of both splits.")
+    b_ft.add_argument("--dataset", choices=["amazon-google", "grocery"], required=True)
+    b_ft.add_argument("--data", required=True, metavar="DIR", help="the dataset's folder")
+    b_ft.add_argument("--work", default="out/bench-fine-tune", metavar="DIR", help="scratch folder for tables and models")
+    b_ft.add_argument("--modalities", default="image", metavar="LIST",
+                      help="grocery: the encoders to fine-tune, comma-separated (image, text)")
+    b_ft.add_argument("--json", action="store_true")
+    _add_config_args(b_ft)
+
     ev = sub.add_parser(
         "evaluate", help="recall@k and MRR of a neighbours table against labelled pairs",
         description="For labelled match pairs (both directions): recall@k (k in evaluate.cutoffs), MRR and "
@@ -154,6 +168,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pairs_args(fw, "required", required=True)
     fw.add_argument("--write", required=True, metavar="YAML", help="config file to write the weights to")
     _add_config_args(fw)
+
+    ft = sub.add_parser(
+        "fine-tune", help="train a text or image encoder on the catalog's own matches",
+        description="Fine-tunes the configured text encoder (contrastive, in-batch and hard negatives mined from the "
+                    "run's neighbour lists) or image encoder (metric learning on groups of photos) on labelled "
+                    "matches of a run's catalog, through Spark's TorchDistributor, and writes a model folder. The "
+                    "overrides it prints (--json: 'set') make 'prodsim run'/'embed' use it; the new encoder id "
+                    "re-encodes that modality for every product.")
+    ft.add_argument("--modality", required=True, choices=["text", "image"])
+    ft.add_argument("--run", required=True, metavar="DIR",
+                    help="a prodsim output folder whose catalog table holds the labelled products")
+    labels = ft.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--pairs", metavar="CSV", help="labelled match pairs (two id columns, a header)")
+    labels.add_argument("--groups", metavar="CSV", help="labelled groups: an id column and a 'group' column")
+    ft.add_argument("--model-out", required=True, metavar="MODEL_DIR", help="the model folder to write")
+    ft.add_argument("--base", default=None, metavar="MODEL",
+                    help="model to start from (default: embed.text.model, or embed.image.model with its weights); "
+                         "any Hugging Face folder for text, a multilingual one included")
+    ft.add_argument("--json", action="store_true", help="end with the result as one JSON object")
+    _add_config_args(ft)
     return parser
 
 
@@ -187,13 +221,13 @@ def _precheck_catalog(path: str, config: ProdsimConfig) -> None:
         check_columns(columns, config.ingest, path=path)
 
 
-def _precheck_models(config: ProdsimConfig) -> None:
+def _precheck_models(config: ProdsimConfig, modalities=("text", "image")) -> None:
     """Fail before Spark starts when an enabled encoder's model folder or weights file is missing."""
     from prodsim_spark import encoders
 
-    if config.embed.text.enabled:
+    if "text" in modalities and config.embed.text.enabled:
         encoders.text_encoder_id(config.embed.text)
-    if config.embed.image.enabled:
+    if "image" in modalities and config.embed.image.enabled:
         encoders.image_encoder_id(config.embed.image)
 
 
@@ -297,8 +331,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from prodsim_spark.session import get_session
 
     if args.bench is None:
-        raise ConfigError("say what to benchmark: prodsim bench embed|join|quality")
+        raise ConfigError("say what to benchmark: prodsim bench embed|join|quality|fine-tune")
     _benchmarks_package()
+    if args.bench == "fine-tune":
+        from benchmarks import datasets, finetune as bench_finetune
+
+        config = _config_from(args, base_conf=[bench_finetune.DEFAULTS])
+        datasets.check(args.dataset, Path(args.data))
+        modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
+        if not modalities or set(modalities) - {"text", "image"}:
+            raise ConfigError(f"--modalities {args.modalities!r}: a comma-separated list of text, image")
+        spark = get_session(config.spark)
+        if args.dataset == "amazon-google":
+            result = bench_finetune.bench_amazon_google(spark, config, Path(args.data), Path(args.work))
+        else:
+            result = bench_finetune.bench_grocery(spark, config, Path(args.data), Path(args.work), modalities)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            from prodsim_spark.evaluate import markdown_table
+
+            print(markdown_table(result["methods"]))
+            print("training:", result["training"])
+        return 0
     if args.bench == "quality":
         from benchmarks import datasets, quality
 
@@ -425,8 +480,44 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fine_tune(args: argparse.Namespace) -> int:
+    import json
+
+    from prodsim_spark import finetune, io
+    from prodsim_spark.progress import stage
+    from prodsim_spark.session import get_session
+    from prodsim_spark.tables import CATALOG, NEIGHBOURS, RunTables
+
+    config = _config_from(args)
+    labels = args.pairs or args.groups
+    _precheck_pairs(labels)
+    if args.base is None:
+        _precheck_models(config, [args.modality])
+    tables = RunTables.at(args.run)
+    spark = get_session(config.spark)
+    tables.require(spark, CATALOG)
+    catalog = tables.read(spark, CATALOG)
+    with stage(spark, "fine-tune", f"{args.modality} encoder on {labels} -> {args.model_out}"):
+        if args.modality == "text":
+            neighbours = tables.read(spark, NEIGHBOURS) if tables.exists(spark, NEIGHBOURS) else None
+            rows, not_found = finetune.text_training_rows(catalog, io.read_pairs(spark, labels), neighbours, config)
+        else:
+            groups = (io.read_groups(spark, args.groups) if args.groups
+                      else finetune.label_groups(io.read_pairs(spark, args.pairs)))
+            rows, not_found = finetune.image_training_rows(catalog, groups)
+        result = finetune.fine_tune(spark, args.modality, rows, not_found, config, args.model_out, args.base)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"prodsim fine-tune: {args.modality} model -> {result['model_dir']} (loss per epoch "
+              f"{result['loss_per_epoch']}, {result['train_s']:.0f} s; {result['ids_not_found']} labelled ids not found)")
+        print("use it with: " + " ".join(f"--set {item}" for item in result["set"]))
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "ingest": cmd_stage, "embed": cmd_stage, "neighbours": cmd_stage, "bench": cmd_bench,
-            "evaluate": cmd_evaluate, "fit-weights": cmd_fit_weights, "report": cmd_report}
+            "evaluate": cmd_evaluate, "fit-weights": cmd_fit_weights, "report": cmd_report,
+            "fine-tune": cmd_fine_tune}
 
 # a ProdsimError raised inside a Spark task reaches the driver as the text of a PythonException
 _TASK_ERROR = re.compile(r"prodsim_spark\.errors\.(\w+): (.+)")

@@ -284,6 +284,64 @@ class EvaluateSettings(_Section):
         return sorted(set(value))
 
 
+class TextFineTuneSettings(_Section):
+    """``prodsim fine-tune --modality text``: contrastive training on labelled pairs (see finetune.py)."""
+
+    method: Literal["full", "lora"] = "full"
+    """full: every weight is trained; lora: low-rank adapters (peft) on the attention and feed-forward
+    layers, merged into the weights when saved (fewer trained weights: less memory and overfitting on
+    small label sets, usually a little less gain)."""
+    epochs: int = Field(default=4, ge=1)
+    batch_size: int = Field(default=32, ge=2)
+    """Pairs per step; the other pairs of a batch are each pair's in-batch negatives, so larger batches
+    give more negatives (and more memory per step)."""
+    learning_rate: float = Field(default=5e-5, gt=0)
+    """Peak learning rate (linear warm-up over the first 10% of steps, then linear decay)."""
+    temperature: float = Field(default=0.05, gt=0)
+    """Softmax temperature of the InfoNCE loss (0.05 is sentence-transformers' scale of 20)."""
+    hard_negatives: int = Field(default=1, ge=0)
+    """Per pair, the products that the run's neighbour lists rank above the true match (and that are
+    not labelled matches) added as negatives; 0: in-batch negatives only."""
+    max_pairs: int = Field(default=20000, ge=2)
+    """A seeded sample of this many directed pairs when the labels give more (groups make n^2 pairs)."""
+    lora_rank: int = Field(default=16, ge=1)
+    lora_alpha: float = Field(default=32.0, gt=0)
+
+
+class ImageFineTuneSettings(_Section):
+    """``prodsim fine-tune --modality image``: metric learning on groups of photos (see finetune.py)."""
+
+    trainable_blocks: int = Field(default=1, ge=0)
+    """Last blocks of the backbone that are trained, with the projection head; the blocks before are
+    frozen and their output is computed once per augmented view (what makes CPU training affordable).
+    0: the projection head alone (fastest); more: more gain on look-alikes, more time and memory."""
+    projection_dim: int = Field(default=256, ge=8)
+    """Size of the learned projection head's output (the fine-tuned image embedding)."""
+    views: int = Field(default=3, ge=1)
+    """Augmented views (random crop, flip, colour jitter) of each training photo."""
+    epochs: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=128, ge=2)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    """Peak learning rate of the head; the backbone blocks train at a tenth of it."""
+    temperature: float = Field(default=0.1, gt=0)
+    """Temperature of the supervised contrastive loss (every other photo of the group is a positive)."""
+
+
+class FineTuneSettings(_Section):
+    num_processes: int = Field(default=1, ge=1)
+    """Training processes (TorchDistributor); on a GPU cluster, one per GPU."""
+    local_mode: bool = True
+    """True: the processes run on the driver (local mode, or a single-node cluster); False: as Spark
+    barrier tasks on the executors."""
+    seed: int = 42
+    mixed_precision: bool = True
+    """bfloat16 autocast on GPU (no effect on CPU)."""
+    threads: Optional[int] = Field(default=None, ge=1)
+    """CPU threads for training (shared by the processes); None: the session's default parallelism."""
+    text: TextFineTuneSettings = Field(default_factory=TextFineTuneSettings)
+    image: ImageFineTuneSettings = Field(default_factory=ImageFineTuneSettings)
+
+
 class ProdsimConfig(_Section):
     spark: SparkSettings = Field(default_factory=SparkSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
@@ -291,6 +349,7 @@ class ProdsimConfig(_Section):
     lexical: LexicalSettings = Field(default_factory=LexicalSettings)
     join: JoinSettings = Field(default_factory=JoinSettings)
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
+    finetune: FineTuneSettings = Field(default_factory=FineTuneSettings)
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,14 +439,8 @@ def _explain(exc: ValidationError, source: str) -> str:
     return f"invalid configuration ({source}):\n  " + "\n  ".join(lines)
 
 
-def load_config(conf_files: list[str | Path] | None = None, overrides: list[str] | None = None) -> ProdsimConfig:
-    """Defaults <- each YAML file in order <- each ``KEY=VALUE`` override; validated once."""
-    data: dict = {}
-    sources = ["defaults"]
-    for path in conf_files or []:
-        data = _deep_merge(data, _read_yaml(Path(path)))
-        sources.append(str(path))
-    for item in overrides or []:
+def _validated(data: dict, overrides: list[str], sources: list[str]) -> ProdsimConfig:
+    for item in overrides:
         parts, value = parse_override(item)
         data = _deep_merge(data, _nest(parts, value))
         sources.append(f"--set {item}")
@@ -395,6 +448,21 @@ def load_config(conf_files: list[str | Path] | None = None, overrides: list[str]
         return ProdsimConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, " <- ".join(sources))) from None
+
+
+def load_config(conf_files: list[str | Path] | None = None, overrides: list[str] | None = None) -> ProdsimConfig:
+    """Defaults <- each YAML file in order <- each ``KEY=VALUE`` override; validated once."""
+    data: dict = {}
+    sources = ["defaults"]
+    for path in conf_files or []:
+        data = _deep_merge(data, _read_yaml(Path(path)))
+        sources.append(str(path))
+    return _validated(data, list(overrides or []), sources)
+
+
+def with_overrides(config: ProdsimConfig, overrides: list[str]) -> ProdsimConfig:
+    """``config`` with ``KEY=VALUE`` overrides applied (e.g. the ``set`` list that fine-tune returns), validated."""
+    return _validated(config.model_dump(mode="json"), list(overrides), ["a loaded config"])
 
 
 def dump_config(config: ProdsimConfig) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
+import json
 import logging
 import os
 import re
@@ -81,17 +82,26 @@ def weights_file(location: str, key: str) -> str:
 
 
 def fingerprint(location: str) -> str:
-    """A short content id for a local model file/folder (config + weight sizes), else the name itself."""
+    """A short content id for a local model file/folder, else the name itself: every file's name and
+    size, the bytes of small config files, and 16 slices of 64 KiB spread over each large file (two
+    fine-tunes of one base have files of equal sizes; their weights differ everywhere, and reading
+    slices costs milliseconds where hashing gigabytes would not)."""
     path = Path(location)
     if not path.exists():
         return location
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     h = hashlib.sha256()
     for f in files:
+        size = f.stat().st_size
         h.update(f.name.encode())
-        h.update(str(f.stat().st_size).encode())
-        if f.suffix in (".json", ".txt") and f.stat().st_size < 1_000_000:
+        h.update(str(size).encode())
+        if f.suffix in (".json", ".txt") and size < 1_000_000:
             h.update(f.read_bytes())
+        elif size:
+            with open(f, "rb") as handle:
+                for i in range(16):
+                    handle.seek(size * i // 16)
+                    h.update(handle.read(1 << 16))
     return h.hexdigest()[:12]
 
 
@@ -116,9 +126,41 @@ def text_encoder_id(settings: TextEncoderSettings) -> str:
     return f"text:{settings.model}@{revision}/max_tokens={settings.max_tokens}"
 
 
+def finetuned_image_folder(settings: ImageEncoderSettings) -> Path | None:
+    """The model folder that ``prodsim fine-tune --modality image`` wrote, when ``embed.image.model``
+    names one (timm and torchvision kinds; it holds the architecture, its weights and the projection
+    head), else None. ``embed.image.weights`` must then be null: the folder has the weights."""
+    if settings.kind == "huggingface":
+        return None
+    folder = Path(resolve_location(settings.model, "embed.image.model"))
+    if not folder.is_dir() and not re.search(r"[/\\]", settings.model):
+        return None  # an architecture name
+    from prodsim_spark.training import IMAGE_CONFIG, IMAGE_FORMAT
+
+    config = folder / IMAGE_CONFIG
+    if not config.is_file():
+        raise ModelError(f"embed.image.model: {folder} is not a model folder written by prodsim fine-tune "
+                         f"(no {IMAGE_CONFIG}); for kind {settings.kind} give an architecture name or such a folder",
+                         stage="embed")
+    try:
+        meta = json.loads(config.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ModelError(f"embed.image.model: {config} is not valid JSON ({exc})", stage="embed") from None
+    if meta.get("format") != IMAGE_FORMAT or meta.get("kind") != settings.kind:
+        raise ModelError(f"embed.image.model: {config} is not a prodsim {settings.kind} image model "
+                         f"(format {meta.get('format')!r}, kind {meta.get('kind')!r})", stage="embed")
+    if settings.weights:
+        raise ModelError("embed.image.weights must be null when embed.image.model is a fine-tuned model folder "
+                         f"({folder} holds its weights)", stage="embed")
+    return folder
+
+
 def image_encoder_id(settings: ImageEncoderSettings) -> str:
     """Like :func:`text_encoder_id`, for images (architecture, weights, preprocessing)."""
-    if settings.kind == "huggingface":
+    folder = finetuned_image_folder(settings)
+    if folder is not None:
+        location = str(folder)
+    elif settings.kind == "huggingface":
         location = model_folder(settings.model, "embed.image.model")
     else:
         location = weights_file(settings.weights, "embed.image.weights") if settings.weights else ""
@@ -273,27 +315,33 @@ class ImageEncoder:
         self.device = pick_device(device)
         self._torch = torch
         self._processor = None
+        folder = finetuned_image_folder(settings)
         weights = weights_file(settings.weights, "embed.image.weights") if settings.weights else None
-        if settings.kind == "timm":
-            import timm
+        self.head = None
+        if folder is not None:  # fine-tuned: the architecture, its weights and a projection head
+            from safetensors.torch import load_model
 
-            model = timm.create_model(settings.model, pretrained=False, num_classes=0)  # pooled features
-            if weights:
-                _load_weights_headless(model, weights)
-        elif settings.kind == "torchvision":
-            import torchvision
+            from prodsim_spark.training import IMAGE_CONFIG, IMAGE_WEIGHTS, projected_model
 
-            model = torchvision.models.get_model(settings.model, weights=None)
-            if weights:
-                _load_weights(model, weights)
-            _drop_classifier(model)
+            meta = json.loads((folder / IMAGE_CONFIG).read_text(encoding="utf-8"))
+            backbone = _backbone(settings.kind, meta["architecture"], None)
+            model = projected_model(backbone, meta["feature_dim"], meta["projection_dim"])
+            try:
+                load_model(model, str(folder / IMAGE_WEIGHTS))
+            except (OSError, RuntimeError) as exc:
+                raise ModelError(f"embed.image.model: {folder / IMAGE_WEIGHTS} does not fit {meta['architecture']} "
+                                 f"with a {meta['projection_dim']}-d head: {exc}", stage="embed") from None
+            backbone, self.head = model.backbone, model.head
+        elif settings.kind in ("timm", "torchvision"):
+            model = backbone = _backbone(settings.kind, settings.model, weights)
         else:  # huggingface
             from transformers import AutoImageProcessor, AutoModel
 
             location = model_folder(settings.model, "embed.image.model")
             local_only = Path(location).exists() or os.environ.get("HF_HUB_OFFLINE") == "1"
             self._processor = AutoImageProcessor.from_pretrained(location, local_files_only=local_only)
-            model = AutoModel.from_pretrained(location, local_files_only=local_only)
+            model = backbone = AutoModel.from_pretrained(location, local_files_only=local_only)
+        self.backbone = backbone
         self.model = model.eval().to(self.device)
         if self.device.startswith("cuda"):
             self.model = self.model.half()
@@ -374,6 +422,24 @@ class ImageEncoder:
         for (i, _), vec in zip(pending, out):
             vectors[i] = vec
         pending.clear()
+
+
+def _backbone(kind: str, architecture: str, weights: str | None):
+    """A timm or torchvision architecture giving pooled features (no classifier), with ``weights``."""
+    if kind == "timm":
+        import timm
+
+        model = timm.create_model(architecture, pretrained=False, num_classes=0)  # pooled features
+        if weights:
+            _load_weights_headless(model, weights)
+        return model
+    import torchvision
+
+    model = torchvision.models.get_model(architecture, weights=None)
+    if weights:
+        _load_weights(model, weights)
+    _drop_classifier(model)
+    return model
 
 
 def _load_weights_headless(model, path: str) -> None:

@@ -255,24 +255,38 @@ def image_uri_verdict(uri: str, roots: Sequence[str], schemes: Sequence[str]) ->
     return None, "outside the catalog folder and ingest.image_roots"
 
 
+def _header(path: str) -> list[str]:
+    if not Path(path).is_file():
+        raise InputError("labelled pairs file does not exist", path=path)
+    with open(path, newline="", encoding="utf-8") as f:
+        return next(csv.reader(f), [])
+
+
+def read_groups(spark: SparkSession, path: str, id_col: str | None = None) -> DataFrame:
+    """Labelled groups as (product_id, group) from a CSV with a header: a ``group`` column and an id
+    column (``id_col``; default: the first other column)."""
+    header = _header(path)
+    if "group" not in header:
+        raise InputError(f"groups file has no 'group' column (columns: {header})", path=path)
+    ids = id_col or next((c for c in header if c != "group"), None)
+    if ids not in header:
+        raise InputError(f"groups file has no id column {ids!r} (columns: {header})", path=path)
+    df = spark.read.option("header", True).csv(path)
+    return df.select(F.trim(F.col(f"`{ids}`")).alias("product_id"), F.trim(F.col("group")).alias("group")) \
+        .where("product_id IS NOT NULL AND group IS NOT NULL")
+
+
 def read_pairs(spark: SparkSession, path: str, left_col: str | None = None, right_col: str | None = None
                ) -> DataFrame:
     """Labelled match pairs as (left_id, right_id) from a CSV with a header: a pairs file (default: its
     first two columns), or a groups file with a ``group`` column (every two products of one group match)."""
-    if not Path(path).is_file():
-        raise InputError("labelled pairs file does not exist", path=path)
-    with open(path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), [])
-    df = spark.read.option("header", True).csv(path)
+    header = _header(path)
     if "group" in header and not (left_col and right_col):
-        ids = left_col or next((c for c in header if c != "group"), None)
-        if ids not in header:
-            raise InputError(f"groups file has no id column {ids!r} (columns: {header})", path=path)
-        members = df.select(F.trim(F.col(f"`{ids}`")).alias("id"), F.trim(F.col("group")).alias("g")) \
-            .where("id IS NOT NULL AND g IS NOT NULL")
+        members = read_groups(spark, path, left_col)
         a, b = members.alias("a"), members.alias("b")
-        return a.join(b, (F.col("a.g") == F.col("b.g")) & (F.col("a.id") < F.col("b.id"))) \
-            .select(F.col("a.id").alias("left_id"), F.col("b.id").alias("right_id"))
+        return a.join(b, (F.col("a.group") == F.col("b.group")) & (F.col("a.product_id") < F.col("b.product_id"))) \
+            .select(F.col("a.product_id").alias("left_id"), F.col("b.product_id").alias("right_id"))
+    df = spark.read.option("header", True).csv(path)
     left_col = left_col or (header[0] if header else None)
     right_col = right_col or (header[1] if len(header) > 1 else None)
     missing = [c for c in (left_col, right_col) if c not in header]

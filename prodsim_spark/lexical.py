@@ -33,7 +33,12 @@ def lexical_text(catalog: DataFrame, settings: LexicalSettings) -> DataFrame:
     # of a letter/digit run split by - . / so both spellings give the same token and n-grams
     text = F.regexp_replace(text, r"(?<=[\p{L}\p{N}])[-./](?=[\p{L}\p{N}])", "")
     # keep letters and digits of any script; everything else separates tokens
-    text = F.trim(F.regexp_replace(F.regexp_replace(text, r"[^\p{L}\p{N}]+", " "), r"\s+", " "))
+    text = F.regexp_replace(text, r"[^\p{L}\p{N}]+", " ")
+    # Chinese and Japanese write words without spaces: each Han or kana character is a token of its
+    # own, so words are characters and the character 3-grams across a space are character bigrams
+    # ("羊毛衫" -> "羊 毛 衫": " 羊 ", "羊 毛", "毛 衫"), the usual terms for CJK retrieval
+    text = F.regexp_replace(text, r"([\p{IsHan}\p{IsHiragana}\p{IsKatakana}])", " $1 ")
+    text = F.trim(F.regexp_replace(text, r"\s+", " "))
     return catalog.select("product_id", text.alias("lexical_text"))
 
 

@@ -79,6 +79,28 @@ def descendants(pid: int) -> list[tuple[int, str]]:
     return found
 
 
+def rss_mb(pid: int) -> float:
+    try:
+        line = next(l for l in (Path("/proc") / str(pid) / "status").read_text().splitlines() if l.startswith("VmRSS"))
+    except (OSError, StopIteration):
+        return 0.0
+    return int(line.split()[1]) / 1024
+
+
+def busy_worker(proc: subprocess.Popen, timeout: float = 300) -> int:
+    """A forked Python worker that is running an embed task: one that has loaded an encoder (torch and a
+    model take a few hundred MB; an idle worker or the daemon, which forks them, hold far less)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before a worker was busy"
+        workers = sorted(pid for pid, cmd in descendants(proc.pid) if "pyspark" in cmd and "daemon" in cmd)
+        busy = [pid for pid in workers[1:] if rss_mb(pid) > 400]  # workers[0] is the daemon
+        if busy:
+            return busy[-1]
+        time.sleep(0.2)
+    raise AssertionError(f"no busy worker in {timeout} s: {descendants(proc.pid)}")
+
+
 def tables_of(spark, out: Path) -> dict:
     tables = RunTables.at(str(out))
     catalog = {r["product_id"]: (r["status"], r["reason"]) for r in tables.read(spark, CATALOG).collect()}
@@ -121,10 +143,7 @@ def test_a_worker_killed_mid_embed_is_retried_and_the_run_ends_green(spark, slic
     proc = start(slice_catalog, out, log)
     try:
         wait_for(log, "[embed] start", proc)
-        time.sleep(6)  # the workers are loading models and encoding
-        workers = [pid for pid, cmd in descendants(proc.pid) if "pyspark" in cmd and "daemon" in cmd]
-        assert workers, descendants(proc.pid)
-        os.kill(max(workers), signal.SIGKILL)  # a forked worker (the daemon is the lowest pid)
+        os.kill(busy_worker(proc), signal.SIGKILL)
         assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:

@@ -1,0 +1,142 @@
+"""``prodsim bench fine-tune``: pretrained vs fine-tuned encoders, measured on products the training
+never saw, in one run.
+
+* amazon-google: two folds by connected component of the match pairs (a product, and every product
+  matched to it, is in one fold only). For each fold: fine-tune the text encoder on that fold's pairs
+  (hard negatives from the pretrained run's neighbour lists), embed the whole pooled catalog with it,
+  and measure with the *other* fold's products as queries, over the whole catalog. Content only
+  (``join.same_source_penalty=0``) and the default; the TF-IDF baseline on the same queries.
+* grocery: the train split's listings (the products the shop knows) and the val split's (new photos
+  of them) in one catalog; fine-tune the image encoder (and, with ``--modalities text,image``, the text
+  encoder) on the train listings' groups, measure with the val listings as queries: image alone, text
+  alone and fused, pretrained and fine-tuned.
+
+Figures are medians over the folds (amazon-google), plus each fold's, and the training time and
+pairs (or images) per second of each fine-tune.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+from pathlib import Path
+
+from pyspark.sql import functions as F
+
+from prodsim_spark import evaluate, finetune, io, join
+from prodsim_spark.config import FusionWeights, ProdsimConfig, with_overrides
+from prodsim_spark.pipeline import RunResult, run_embed, run_ingest, run_join, run_products
+from prodsim_spark.tables import CATALOG, NEIGHBOURS, RunTables
+
+from benchmarks import baselines, datasets
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = Path(__file__).with_name("quality.yaml")  # lists of 20, as bench quality (layered under --conf/--set)
+TRAINING_KEYS = ("train_s", "pairs_per_s", "images_per_s", "pairs", "hard_negatives", "photos", "groups",
+                 "loss_per_epoch", "ids_not_found")
+
+
+def _run(spark, catalog: Path, output: Path, config: ProdsimConfig, *, neighbours: bool = True) -> RunTables:
+    """ingest + embed (+ the neighbours table) of ``catalog`` into ``output``."""
+    tables = RunTables.at(str(output))
+    result = run_ingest(spark, str(catalog), tables.output, config)
+    run_embed(spark, tables.output, config, result)
+    if neighbours:
+        run_join(spark, tables.output, config, RunResult(output=tables.output))
+    return tables
+
+
+def _measure(products, settings, pairs, queries, cutoffs) -> dict:
+    lists = join.find_neighbours(products, settings)
+    return evaluate.metrics(lists, pairs, queries, cutoffs=cutoffs)
+
+
+def _training(report: dict) -> dict:
+    return {k: report[k] for k in TRAINING_KEYS if k in report}
+
+
+def _median(folds: list[dict]) -> dict:
+    out = {}
+    for method in folds[0]:
+        keys = [k for k in folds[0][method] if isinstance(folds[0][method][k], (int, float))]
+        out[method] = {k: round(statistics.median(f[method][k] for f in folds), 4) for k in keys}
+    return out
+
+
+def bench_amazon_google(spark, config: ProdsimConfig, data: Path, work: Path) -> dict:
+    catalog_csv, pairs_csv = datasets.build("amazon-google", data, work / "data")
+    pairs = io.read_pairs(spark, str(pairs_csv)).persist()
+    pretrained = _run(spark, catalog_csv, work / "pretrained", config)
+    catalog = pretrained.read(spark, CATALOG)
+    neighbours = pretrained.read(spark, NEIGHBOURS)
+    # folds by connected component: no product, and no product of a matched group, on both sides
+    fold_of = finetune.label_groups(pairs).select("product_id", (F.abs(F.xxhash64("group")) % 2).alias("fold")).persist()
+    cutoffs = config.evaluate.cutoffs
+    content_only = config.join.replaced(same_source_penalty=0.0)
+    base_products = run_products(spark, pretrained.output, config)
+    folds, trainings = [], []
+    for fold in (0, 1):
+        in_fold = fold_of.where(F.col("fold") == fold).select("product_id")
+        train_pairs = (pairs.join(in_fold.withColumnRenamed("product_id", "left_id"), "left_id", "left_semi")
+                       .join(in_fold.withColumnRenamed("product_id", "right_id"), "right_id", "left_semi"))
+        queries = fold_of.where(F.col("fold") != fold).select("product_id")
+        rows, not_found = finetune.text_training_rows(catalog, train_pairs, neighbours, config)
+        report = finetune.fine_tune(spark, "text", rows, not_found, config, str(work / "models" / f"text-fold{fold}"))
+        trainings.append(_training(report))
+        tuned_config = with_overrides(config, report["set"])
+        tuned = _run(spark, catalog_csv, work / f"tuned-fold{fold}", tuned_config, neighbours=False)
+        tuned_products = run_products(spark, tuned.output, tuned_config)
+        methods = {
+            "tf-idf baseline": evaluate.metrics(baselines.tfidf_baseline(catalog, config), pairs, queries,
+                                                cutoffs=cutoffs),
+            "pretrained, content only": _measure(base_products, content_only, pairs, queries, cutoffs),
+            "fine-tuned, content only": _measure(tuned_products, content_only, pairs, queries, cutoffs),
+            "pretrained text alone, content only": _measure(
+                base_products, content_only.replaced(weights=FusionWeights.only(text=1.0)), pairs, queries, cutoffs),
+            "fine-tuned text alone, content only": _measure(
+                tuned_products, content_only.replaced(weights=FusionWeights.only(text=1.0)), pairs, queries, cutoffs),
+            "pretrained, default": _measure(base_products, config.join, pairs, queries, cutoffs),
+            "fine-tuned, default": _measure(tuned_products, config.join, pairs, queries, cutoffs),
+        }
+        tuned_products.unpersist()
+        for name, m in methods.items():
+            log.info("[bench fine-tune] fold %d %s: %s", fold, name, m)
+        folds.append(methods)
+    base_products.unpersist()
+    return {"dataset": "amazon-google", "k": config.join.k, "methods": _median(folds), "folds": folds,
+            "training": trainings}
+
+
+def bench_grocery(spark, config: ProdsimConfig, data: Path, work: Path, modalities: tuple[str, ...] = ("image",)
+                  ) -> dict:
+    catalog_csv, _, pairs_csv, val_ids = datasets.grocery_known_products(data, work / "data")
+    train_groups = work / "data" / "train" / "groups.csv"
+    pairs = io.read_pairs(spark, str(pairs_csv)).persist()
+    queries = spark.createDataFrame([(i,) for i in val_ids], "product_id string")
+    pretrained = _run(spark, catalog_csv, work / "pretrained", config)
+    catalog = pretrained.read(spark, CATALOG)
+    neighbours = pretrained.read(spark, NEIGHBOURS)
+    overrides, trainings = [], {}
+    for modality in modalities:
+        if modality == "text":
+            rows, not_found = finetune.text_training_rows(catalog, io.read_pairs(spark, str(train_groups)), neighbours,
+                                                          config)
+        else:
+            rows, not_found = finetune.image_training_rows(catalog, io.read_groups(spark, str(train_groups)))
+        report = finetune.fine_tune(spark, modality, rows, not_found, config, str(work / "models" / modality))
+        trainings[modality] = _training(report)
+        overrides += report["set"]
+    tuned_config = with_overrides(config, overrides)
+    tuned = _run(spark, catalog_csv, work / "tuned", tuned_config, neighbours=False)
+    cutoffs = config.evaluate.cutoffs
+    methods = {}
+    for label, products in (("pretrained", run_products(spark, pretrained.output, config)),
+                            ("fine-tuned", run_products(spark, tuned.output, tuned_config))):
+        for name, weights in (("image alone", FusionWeights.only(image=1.0)), ("text alone", FusionWeights.only(text=1.0)),
+                              ("fused", config.join.weights)):
+            methods[f"{label} {name}"] = _measure(products, config.join.replaced(weights=weights), pairs, queries,
+                                                  cutoffs)
+            log.info("[bench fine-tune] %s %s: %s", label, name, methods[f"{label} {name}"])
+        products.unpersist()
+    return {"dataset": "grocery", "k": config.join.k, "queries": len(val_ids), "modalities": list(modalities),
+            "methods": methods, "training": trainings}

@@ -1,0 +1,189 @@
+"""Fine-tune stage: encoders learned from the catalog's own matches, trained on Spark.
+
+Pretrained encoders know language and pictures, not a shop's products: a sentence model puts
+"bias peak pro 5" next to "bias peak le 5" and cannot tell that "(macintosh)" is noise; ImageNet
+features confuse look-alike products of one kind. Fine-tuning on labelled matches of the catalog
+itself fixes what it can see. Two steps, "make the data" apart from "run the training":
+
+1. Spark: :func:`text_training_rows` turns labelled pairs (or groups) into (anchor, positive, hard
+   negatives) rows, the texts composed exactly as the embed stage composes them. Hard negatives are
+   the products that the run's neighbour lists rank *above* the true match (same-line siblings, other
+   editions: what the current encoder confuses), never a labelled match of the anchor.
+   :func:`image_training_rows` turns groups (or pairs, by their connected components) into
+   (image URI, group) rows of products that have an image.
+2. :func:`fine_tune` runs :func:`prodsim_spark.training.train_text` / ``train_image`` through
+   ``pyspark.ml.torch.distributor.TorchDistributor`` (``finetune.num_processes`` processes: local mode
+   here, one per GPU on a cluster) and writes ``training.json`` beside the model. The folder is a
+   normal model folder (Hugging Face ``save_pretrained`` for text; ``model.safetensors`` + the
+   architecture name for images); the ``set`` overrides it returns make ``embed`` use it, and its new
+   encoder id re-encodes that modality, and only that one, for every product.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from prodsim_spark import encoders
+from prodsim_spark.config import ProdsimConfig
+from prodsim_spark.embed import compose_text
+from prodsim_spark.errors import InputError
+from prodsim_spark.evaluate import directed_pairs
+from prodsim_spark.tables import live_catalog
+
+log = logging.getLogger(__name__)
+
+TRAINING_JSON = "training.json"
+
+
+def _renamed(df: DataFrame, **names: str) -> DataFrame:
+    return df.select(*[F.col(old).alias(new) for old, new in names.items()])
+
+
+def text_training_rows(catalog: DataFrame, pairs: DataFrame, neighbours: DataFrame | None, config: ProdsimConfig
+                       ) -> tuple[DataFrame, int]:
+    """(rows, ids_not_found): one row per labelled pair whose two products have text, ``anchor_id,
+    anchor_text, positive_id, positive_text, anchor_negatives, positive_negatives`` (a seeded sample of
+    ``finetune.text.max_pairs`` when there are more), and how many labelled ids have no text in the
+    catalog (reported, not fatal). The loss is symmetric, so each pair appears once; each side gets
+    the hard negatives of its own neighbour list."""
+    settings = config.finetune.text
+    text = compose_text(config.embed.text.template, config.embed.text.description_chars)
+    texts = live_catalog(catalog).select("product_id", text.alias("text")).where(F.col("text").isNotNull())
+    truth = directed_pairs(pairs)
+    not_found = truth.select(F.col("query").alias("product_id")).distinct().join(texts, "product_id", "left_anti").count()
+    rows = (truth.where(F.col("query") < F.col("match"))
+            .join(_renamed(texts, product_id="query", text="anchor_text"), "query")
+            .join(_renamed(texts, product_id="match", text="positive_text"), "match"))
+    if rows.count() > settings.max_pairs:
+        rows = rows.orderBy(F.xxhash64("query", "match", F.lit(config.finetune.seed))).limit(settings.max_pairs)
+    empty = F.array().cast("array<string>")
+    if neighbours is not None and settings.hard_negatives > 0:
+        hard = hard_negatives(rows.select("query", "match"), truth, neighbours, texts, settings.hard_negatives)
+        back = _renamed(hard, query="match", match="query", negatives="positive_negatives")
+        rows = (rows.join(hard.withColumnRenamed("negatives", "anchor_negatives"), ["query", "match"], "left")
+                .join(back, ["query", "match"], "left"))
+    else:
+        rows = rows.withColumn("anchor_negatives", empty).withColumn("positive_negatives", empty)
+    out = rows.select(F.col("query").alias("anchor_id"), "anchor_text", F.col("match").alias("positive_id"),
+                      "positive_text", F.coalesce("anchor_negatives", empty).alias("anchor_negatives"),
+                      F.coalesce("positive_negatives", empty).alias("positive_negatives"))
+    return out.orderBy("anchor_id", "positive_id"), not_found
+
+
+def hard_negatives(pairs: DataFrame, truth: DataFrame, neighbours: DataFrame, texts: DataFrame, count: int
+                   ) -> DataFrame:
+    """(query, match, negatives): for each labelled pair (both ways round), the texts of up to ``count``
+    products that the query's neighbour list ranks above the match (all listed ones when the match is
+    not listed), best first, leaving out the query's labelled matches (``truth``: query, match)."""
+    both = pairs.unionByName(_renamed(pairs, match="query", query="match"))
+    ranked = neighbours.select(F.col("product_id").alias("query"),
+                               F.posexplode("neighbours.product_id").alias("rank", "candidate"))
+    match_rank = _renamed(ranked, query="query", candidate="match", rank="match_rank")
+    above = (both.join(match_rank, ["query", "match"], "left").join(ranked, "query")
+             .where(F.col("match_rank").isNull() | (F.col("rank") < F.col("match_rank")))
+             .join(_renamed(truth, query="query", match="candidate"), ["query", "candidate"], "left_anti")
+             .join(_renamed(texts, product_id="candidate", text="negative_text"), "candidate"))
+    return (above.groupBy("query", "match")
+            .agg(F.slice(F.sort_array(F.collect_list(F.struct("rank", "negative_text"))), 1, count).alias("n"))
+            .select("query", "match", F.col("n.negative_text").alias("negatives")))
+
+
+def label_groups(pairs: DataFrame) -> DataFrame:
+    """(product_id, group) from labelled pairs: the connected components of the pairs (the labels are
+    small: they are gathered to the driver)."""
+    parent: dict[str, str] = {}
+
+    def root(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for row in pairs.where("left_id IS NOT NULL AND right_id IS NOT NULL").collect():
+        a, b = root(row["left_id"]), root(row["right_id"])
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    members = [(x, root(x)) for x in parent]
+    spark = pairs.sparkSession
+    return spark.createDataFrame(members or [], "product_id string, group string")
+
+
+def image_training_rows(catalog: DataFrame, groups: DataFrame) -> tuple[DataFrame, int]:
+    """(rows, ids_not_found): rows ``product_id, uri, group`` of the labelled products that have an image
+    (after ingest's image policy), in groups of two or more such products (a photo alone in its group
+    has no positive), and how many labelled ids have no image in the catalog."""
+    images = live_catalog(catalog).where(F.col("image_uri").isNotNull()).select("product_id", F.col("image_uri").alias("uri"))
+    labelled = groups.select(F.trim("product_id").alias("product_id"), F.trim(F.col("group").cast("string")).alias("group")) \
+        .where("product_id IS NOT NULL AND group IS NOT NULL").dropDuplicates(["product_id"])
+    not_found = labelled.join(images, "product_id", "left_anti").count()
+    rows = labelled.join(images, "product_id")
+    sizes = rows.groupBy("group").count().where("count >= 2").select("group")
+    return rows.join(sizes, "group").select("product_id", "uri", "group").orderBy("product_id"), not_found
+
+
+def overrides(modality: str, model_dir: str) -> list[str]:
+    """The ``--set`` overrides that make ``prodsim run``/``embed`` use a fine-tuned model folder."""
+    if modality == "text":
+        return [f"embed.text.model={model_dir}", "embed.text.revision=null"]
+    return [f"embed.image.model={model_dir}", "embed.image.weights=null", "embed.image.revision=null"]
+
+
+def fine_tune(spark, modality: str, rows: DataFrame, not_found: int, config: ProdsimConfig, model_out: str,
+              base: str | None = None) -> dict:
+    """Train on ``rows`` (from :func:`text_training_rows` / :func:`image_training_rows`) through
+    TorchDistributor, write the model folder ``model_out`` with its ``training.json``, and return what
+    that file holds plus ``set`` (the config overrides that use the model)."""
+    import torch
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    from prodsim_spark import training
+
+    settings = config.finetune
+    model_out = str(Path(model_out).resolve())
+    use_gpu = torch.cuda.is_available() and config.embed.device != "cpu"
+    common = {"seed": settings.seed, "mixed_precision": settings.mixed_precision, "device": "cuda" if use_gpu else "cpu",
+              "threads": settings.threads or int(spark.sparkContext.defaultParallelism)}
+    records = [r.asDict(recursive=True) for r in rows.collect()]  # labels are small: one list for every process
+    if modality == "text":
+        if len(records) < 2:
+            raise InputError(f"{len(records)} labelled pairs name two products with text in this run; fine-tuning "
+                             f"needs at least 2 ({not_found} labelled ids have no text in the catalog)",
+                             stage="fine-tune")
+        base = base or config.embed.text.model
+        base_folder = encoders.model_folder(base, "--base" if base != config.embed.text.model else "embed.text.model")
+        train_settings = {**settings.text.model_dump(), **common, "max_tokens": config.embed.text.max_tokens}
+        function, args = training.train_text, (records, base_folder, model_out, train_settings)
+        data = {"pairs": len(records),
+                "hard_negatives": sum(len(r["anchor_negatives"]) + len(r["positive_negatives"]) for r in records)}
+        fingerprint = encoders.fingerprint(base_folder)
+    else:
+        if len(records) < 2:
+            raise InputError(f"{len(records)} labelled products with an image are in groups of two or more in this "
+                             f"run; fine-tuning needs at least 2 ({not_found} labelled ids have no image)",
+                             stage="fine-tune")
+        image = config.embed.image if base is None else config.embed.image.model_copy(update={"model": base})
+        base = f"{image.kind}:{image.model}" + (f" ({image.weights})" if image.weights else "")
+        fingerprint = encoders.image_encoder_id(image)  # also checks the model and weights exist
+        train_settings = {**settings.image.model_dump(), **common}
+        function, args = training.train_image, (records, image.model_dump_json(), model_out, train_settings)
+        data = {"photos": len(records), "groups": len({r["group"] for r in records})}
+    log.info("[fine-tune] %s: %s (%d labelled ids not found), %d process(es) on %s", modality, data, not_found,
+             settings.num_processes, common["device"])
+    distributor = TorchDistributor(num_processes=settings.num_processes, local_mode=settings.local_mode,
+                                   use_gpu=use_gpu)
+    # the training processes print to stdout: keep it for the command's own output (--json)
+    with contextlib.redirect_stdout(sys.stderr):
+        figures = distributor.run(function, *args)
+    report = {"modality": modality, "model_dir": model_out, "base_model": base, "base_fingerprint": fingerprint,
+              **data, "ids_not_found": not_found, "seed": settings.seed,
+              "settings": {k: v for k, v in train_settings.items() if k != "device"}, **figures}
+    (Path(model_out) / TRAINING_JSON).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    log.info("[fine-tune] loss per epoch %s in %.0f s -> %s", figures["loss_per_epoch"], figures["train_s"], model_out)
+    return {**report, "set": overrides(modality, model_out)}
