@@ -164,3 +164,20 @@ def test_an_image_model_folder_that_is_not_a_fine_tuned_one_is_a_clear_error(tmp
     settings = load_config(overrides=[f"embed.image.model={tmp_path}", "embed.image.weights=null"]).embed.image
     with pytest.raises(ModelError, match="not a model folder written by prodsim fine-tune"):
         image_encoder_id(settings)
+
+
+@pytest.mark.slow
+def test_lora_adapters_are_merged_into_a_plain_model_folder(sample_run, tmp_path):
+    model = tmp_path / "lora"
+    code, printed = command("fine-tune", "--modality", "text", "--run", str(sample_run[0]), "--groups", str(GROUPS),
+                            "--model-out", str(model), "--json", "--set", "finetune.text.method=lora",
+                            "--set", "finetune.text.learning_rate=0.001", *QUICK)
+    assert code == 0
+    names = {p.name for p in model.iterdir()}
+    assert "model.safetensors" in names and not any("adapter" in n for n in names)  # merged: no peft needed
+    weights = load_file(str(model / "model.safetensors"))
+    assert not any("lora" in k for k in weights)
+    tuned = TextEncoder(load_config(overrides=[f"embed.text.model={model}"]).embed.text, "cpu")
+    base = TextEncoder(load_config().embed.text, "cpu")
+    text = ["Golden Delicious. Fruit"]
+    assert float(tuned.encode(text)[0] @ base.encode(text)[0]) < 0.99999  # the adapters changed the weights
