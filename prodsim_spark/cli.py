@@ -169,6 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     fw.add_argument("--write", required=True, metavar="YAML", help="config file to write the weights to")
     _add_config_args(fw)
 
+    se = sub.add_parser(
+        "search", help="rank a run's products for a table of shoppers' queries",
+        description="Embeds each query (text, image or both; optional category and price filters) with the run's "
+                    "encoders and ranks the run's products by fused score over the modalities the query has, "
+                    "probing search.probe cells of the run's index; writes <output>/search (one row per query: "
+                    "its results with per-component scores, or a reason).")
+    se.add_argument("--output", required=True, metavar="DIR", help="a finished run's output folder")
+    se.add_argument("--queries", required=True, metavar="PATH",
+                    help="queries file or folder: query_id, text, image_uri, category, min_price, max_price "
+                         "(CSV, Parquet, JSON Lines or Delta)")
+    se.add_argument("--format", choices=CATALOG_FORMATS, default=None, help="the queries' format (default: from the path)")
+    se.add_argument("--k", type=int, default=None, help="results per query (sets search.k)")
+    _add_config_args(se)
+
     ft = sub.add_parser(
         "fine-tune", help="train a text or image encoder on the catalog's own matches",
         description="Fine-tunes the configured text encoder (contrastive, in-batch and hard negatives mined from the "
@@ -199,6 +213,10 @@ def _config_from(args: argparse.Namespace, base_conf: list[Path] | None = None) 
     args.conf = [c for c in args.conf if c and c.strip()]
     overrides = list(args.overrides)
     for flag, key in _FLAG_KEYS.items():
+        if args.command == "search":  # its --format is the queries' format, its --k the results per query
+            key = {"k": "search.k"}.get(flag)
+            if key is None:
+                continue
         value = getattr(args, flag, None)
         if value is None:
             continue
@@ -480,6 +498,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from prodsim_spark import io, pipeline
+    from prodsim_spark.session import get_session
+    from prodsim_spark.tables import RunTables
+
+    config = _config_from(args)
+    io.detect_format(args.queries, args.format or "auto", what="queries", stage="search")
+    if io.local_path(args.queries) is not None and not io.local_path(args.queries).exists():
+        raise InputError("no such file or folder (--queries)", stage="search", path=args.queries)
+    _precheck_models(config)
+    tables = RunTables.at(args.output)
+    spark = get_session(config.spark)
+    counts = pipeline.run_search(spark, args.queries, tables.output, config, fmt=args.format)
+    print(f"prodsim search: {counts['queries']} queries, {counts['with_results']} with results, "
+          f"{counts['rejected']} rejected -> {tables.search}")
+    return 0
+
+
 def cmd_fine_tune(args: argparse.Namespace) -> int:
     import json
 
@@ -517,7 +553,7 @@ def cmd_fine_tune(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "ingest": cmd_stage, "embed": cmd_stage, "neighbours": cmd_stage, "bench": cmd_bench,
             "evaluate": cmd_evaluate, "fit-weights": cmd_fit_weights, "report": cmd_report,
-            "fine-tune": cmd_fine_tune}
+            "fine-tune": cmd_fine_tune, "search": cmd_search}
 
 # a ProdsimError raised inside a Spark task reaches the driver as the text of a PythonException
 _TASK_ERROR = re.compile(r"prodsim_spark\.errors\.(\w+): (.+)")

@@ -284,6 +284,31 @@ class EvaluateSettings(_Section):
         return sorted(set(value))
 
 
+class QueryColumns(_Section):
+    """Source column name for each query column."""
+
+    query_id: str = "query_id"
+    text: str = "text"
+    image_uri: str = "image_uri"
+    category: str = "category"
+    """Optional filter: only products of this category (compared as the join compares categories)."""
+    min_price: str = "min_price"
+    max_price: str = "max_price"
+
+
+class SearchSettings(_Section):
+    """``prodsim search`` and the notebook's ``Searcher`` (prodsim_spark/search.py)."""
+
+    k: int = Field(default=10, ge=1, le=1000)
+    """Results per query."""
+    probe: int = Field(default=4, ge=1)
+    """Index cells a query probes (its nearest). More: higher recall against scoring every product,
+    work per query grows linearly (about probe x join.block_size products scored)."""
+    columns: QueryColumns = Field(default_factory=QueryColumns)
+    max_text_chars: int = Field(default=1000, ge=1)
+    """Longer query texts are cut (reason truncated_text)."""
+
+
 class TextFineTuneSettings(_Section):
     """``prodsim fine-tune --modality text``: contrastive training on labelled pairs (see finetune.py)."""
 
@@ -311,7 +336,7 @@ class TextFineTuneSettings(_Section):
 class ImageFineTuneSettings(_Section):
     """``prodsim fine-tune --modality image``: metric learning on groups of photos (see finetune.py)."""
 
-    trainable_blocks: int = Field(default=1, ge=0)
+    trainable_blocks: int = Field(default=0, ge=0)
     """Last blocks of the backbone that are trained, with the projection head; the blocks before are
     frozen and their output is computed once per augmented view (what makes CPU training affordable).
     0: the projection head alone (fastest); more: more gain on look-alikes, more time and memory."""
@@ -319,7 +344,7 @@ class ImageFineTuneSettings(_Section):
     """Size of the learned projection head's output (the fine-tuned image embedding)."""
     views: int = Field(default=3, ge=1)
     """Augmented views (random crop, flip, colour jitter) of each training photo."""
-    epochs: int = Field(default=20, ge=1)
+    epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=128, ge=2)
     learning_rate: float = Field(default=1e-3, gt=0)
     """Peak learning rate of the head; the backbone blocks train at a tenth of it."""
@@ -350,6 +375,7 @@ class ProdsimConfig(_Section):
     join: JoinSettings = Field(default_factory=JoinSettings)
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     finetune: FineTuneSettings = Field(default_factory=FineTuneSettings)
+    search: SearchSettings = Field(default_factory=SearchSettings)
 
 
 # --------------------------------------------------------------------------------------------

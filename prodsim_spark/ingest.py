@@ -49,7 +49,7 @@ REJECTING = ("malformed_row", "empty_row", "missing_product_id", "duplicate_prod
 TEXT_FIELDS = ("title", "description", "brand", "category", "image_uri", "source")
 STATUS_COLUMNS = ("status", "reason", SOURCE_ROW)
 # Control characters other than tab/newline/CR: they break downstream tokenisers and CSV exports.
-_CONTROL = r"[\x00-\x08\x0B\x0C\x0E-\x1F\x7F]"
+CONTROL = r"[\x00-\x08\x0B\x0C\x0E-\x1F\x7F]"
 # Currency symbols, currency codes, spaces and thousands separators around a number.
 _PRICE_NOISE = r"(?i)(^\s*(usd|eur|gbp|sek|us)\s*|\s*(usd|eur|gbp|sek)\s*$|[\s$€£¥,'])"
 
@@ -74,8 +74,9 @@ def check_columns(columns: Iterable[str], settings: IngestSettings, *, path: str
     return [c for c in CANONICAL_COLUMNS if mapping[c] not in columns]
 
 
-def _clean_text(col: Column) -> Column:
-    col = F.regexp_replace(col.cast("string"), _CONTROL, "")
+def clean_text(col: Column) -> Column:
+    """A text field without control characters, U+FFFD or surrounding spaces; empty is null."""
+    col = F.regexp_replace(col.cast("string"), CONTROL, "")
     col = F.trim(F.regexp_replace(col, "\ufffd", ""))
     return F.when(col == "", None).otherwise(col)
 
@@ -141,12 +142,12 @@ def validate_catalog(raw: DataFrame, settings: IngestSettings, *, image_root: st
     # text fields: clean, flag encoding damage, truncate over-long values. Ids are trimmed, and a
     # trimmed id says so: " A1" and "A1" are one product, and the later row is a duplicate of it
     raw_id = source("product_id").cast("string")
-    out: dict[str, Column] = {"product_id": _clean_text(raw_id)}
+    out: dict[str, Column] = {"product_id": clean_text(raw_id)}
     flag((F.trim(raw_id) != raw_id) & (F.trim(raw_id) != ""), "id_trimmed")
     for field in TEXT_FIELDS:
         raw_text = source(field).cast("string")
-        flag(raw_text.contains("\ufffd") | raw_text.rlike(_CONTROL), f"bad_encoding_{field}")
-        out[field] = _clean_text(raw_text)
+        flag(raw_text.contains("\ufffd") | raw_text.rlike(CONTROL), f"bad_encoding_{field}")
+        out[field] = clean_text(raw_text)
     for field, limit in (("title", settings.max_title_chars), ("description", settings.max_description_chars)):
         flag(F.length(out[field]) > limit, f"truncated_{field}")
         out[field] = F.substring(out[field], 1, limit)
@@ -199,19 +200,22 @@ def validate_catalog(raw: DataFrame, settings: IngestSettings, *, image_root: st
     df = raw.select(*[out[c].alias(c) for c in CANONICAL_COLUMNS], F.col(SOURCE_ROW),
                     F.array_compact(F.array(*reasons)).alias("__reasons"), *extras)
 
-    # duplicates: the first occurrence (lowest source_row) keeps the id, later ones are rejected
-    first = Window.partitionBy("product_id").orderBy(SOURCE_ROW)
-    is_dup = F.col("product_id").isNotNull() & (F.row_number().over(first) > 1)
-    df = df.withColumn("__reasons", F.when(is_dup, F.array_union(F.col("__reasons"), F.array(F.lit("duplicate_product_id"))))
-                       .otherwise(F.col("__reasons")))
+    df = with_status(df, "product_id", REJECTING, "duplicate_product_id")
+    front = [*CANONICAL_COLUMNS, "status", "reason", SOURCE_ROW]
+    return df.select(*front, *[c for c in df.columns if c not in front])
 
-    rejecting = F.array(*[F.lit(c) for c in REJECTING])
-    status = (F.when(F.size(F.array_intersect("__reasons", rejecting)) > 0, "rejected")
+
+def with_status(df: DataFrame, id_col: str, rejecting: Sequence[str], duplicate_code: str) -> DataFrame:
+    """``status`` and ``reason`` from the reason codes in ``__reasons`` (dropped), after flagging every
+    row but the first (lowest source_row) of an id with ``duplicate_code``: the first keeps the id."""
+    first = Window.partitionBy(id_col).orderBy(SOURCE_ROW)
+    is_dup = F.col(id_col).isNotNull() & (F.row_number().over(first) > 1)
+    df = df.withColumn("__reasons", F.when(is_dup, F.array_union(F.col("__reasons"), F.array(F.lit(duplicate_code))))
+                       .otherwise(F.col("__reasons")))
+    status = (F.when(F.size(F.array_intersect("__reasons", F.array(*[F.lit(c) for c in rejecting]))) > 0, "rejected")
               .when(F.size("__reasons") > 0, "warn").otherwise("ok"))
     reason = F.when(F.size("__reasons") > 0, F.array_join("__reasons", ";"))
-    front = [*CANONICAL_COLUMNS, "status", "reason", SOURCE_ROW]
-    df = df.withColumn("status", status).withColumn("reason", reason).drop("__reasons")
-    return df.select(*front, *[c for c in df.columns if c not in front])
+    return df.withColumn("status", status).withColumn("reason", reason).drop("__reasons")
 
 
 def check_export(catalog: DataFrame, previous: DataFrame | None, settings: IngestSettings, *, path: str) -> None:

@@ -54,7 +54,7 @@ def catalog_folder(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[0]
 
 
-def detect_format(path: str, configured: str) -> str:
+def detect_format(path: str, configured: str, *, what: str = "catalog", stage: str = "ingest") -> str:
     if configured != "auto":
         return configured
     local = local_path(path)
@@ -68,9 +68,8 @@ def detect_format(path: str, configured: str) -> str:
         found.discard(None)
         if len(found) == 1:
             return found.pop()
-    raise CatalogError(
-        f"cannot tell the catalog's format from its name; pass --format csv|parquet|json|delta",
-        stage="ingest", path=path)
+    raise CatalogError(f"cannot tell the {what}'s format from its name; pass --format csv|parquet|json|delta",
+                       stage=stage, path=path)
 
 
 def peek_columns(path: str, fmt: str, settings: IngestSettings) -> list[str] | None:
@@ -102,17 +101,19 @@ def peek_columns(path: str, fmt: str, settings: IngestSettings) -> list[str] | N
     return None
 
 
-def read_catalog(spark: SparkSession, path: str, settings: IngestSettings) -> DataFrame:
-    """Read a catalog as its source columns (strings where the format is untyped) plus ``source_row``.
+def read_catalog(spark: SparkSession, path: str, settings: IngestSettings, *, what: str = "catalog",
+                 stage: str = "ingest", fmt: str | None = None) -> DataFrame:
+    """Read a catalog (or another table of rows: ``what``, e.g. queries) as its source columns
+    (strings where the format is untyped) plus ``source_row``.
 
     ``source_row`` numbers the input rows 0..n-1 in file order, so every message can name its row.
     Rows the reader cannot parse are kept, with their raw text in ``_corrupt_record``.
     """
-    fmt = detect_format(path, settings.format)
+    fmt = detect_format(path, fmt or settings.format, what=what, stage=stage)
     local = local_path(path)
     if local is not None and not local.exists():
-        raise CatalogError("no such file or folder", stage="ingest", path=path)
-    log.info("reading %s catalog %s", fmt, path)
+        raise CatalogError("no such file or folder", stage=stage, path=path)
+    log.info("reading %s %s %s", fmt, what, path)
     try:
         if fmt == "csv":
             opts = dict(header=True, multiLine=True, escape='"', sep=settings.csv_delimiter,
@@ -129,12 +130,12 @@ def read_catalog(spark: SparkSession, path: str, settings: IngestSettings) -> Da
         elif fmt == "delta":
             df = spark.read.format("delta").load(path)
         else:  # pragma: no cover - guarded by the config schema
-            raise CatalogError(f"unsupported format {fmt!r}", stage="ingest", path=path)
+            raise CatalogError(f"unsupported format {fmt!r}", stage=stage, path=path)
     except CatalogError:
         raise
     except Exception as exc:  # Spark's AnalysisException and friends: keep the first line, name the path
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CatalogError(f"cannot read the catalog as {fmt}: {first}", stage="ingest", path=path) from None
+        raise CatalogError(f"cannot read the {what} as {fmt}: {first}", stage=stage, path=path) from None
     return with_source_row(df)
 
 

@@ -40,7 +40,7 @@ NEIGHBOUR = T.StructType([
     *[T.StructField(c, T.FloatType()) for c in fusion.PARTS]])
 
 
-def _code(col: Column) -> Column:
+def code(col: Column) -> Column:
     """A stable int64 code for a string value (lower-cased, trimmed); -1 when missing."""
     clean = F.lower(F.trim(col))
     return F.when(clean.isNull() | (clean == ""), F.lit(-1).cast("long")).otherwise(F.abs(F.xxhash64(clean)))
@@ -53,8 +53,8 @@ def join_inputs(catalog: DataFrame, embeddings: DataFrame, lexical: DataFrame | 
     # catalogs written before the source column existed have none: no source, no penalty
     source = F.col("source") if "source" in catalog.columns else F.lit(None).cast("string")
     products = (live_catalog(catalog)
-                .select("product_id", _code(F.col("brand")).alias("brand"), _code(F.col("category")).alias("category"),
-                        F.when(F.col("price") > 0, F.log("price")).alias("log_price"), _code(source).alias("source"))
+                .select("product_id", code(F.col("brand")).alias("brand"), code(F.col("category")).alias("category"),
+                        F.when(F.col("price") > 0, F.log("price")).alias("log_price"), code(source).alias("source"))
                 .join(live, "product_id", "inner"))
     return products if lexical is None else products.join(lexical, "product_id", "left")
 
@@ -93,7 +93,7 @@ def products_from_columns(pdf: pd.DataFrame, dims: dict[str, int]) -> fusion.Pro
     return _products(pdf, {m: fusion.stack_vectors(pdf[_vector_col(m)].tolist(), d) for m, d in dims.items()})
 
 
-def _unpack(values, dim: int) -> tuple[np.ndarray, np.ndarray]:
+def unpack_vectors(values, dim: int) -> tuple[np.ndarray, np.ndarray]:
     out = np.zeros((len(values), dim), dtype=np.float32)
     has = np.array([v is not None for v in values], dtype=bool)
     if dim and has.any():
@@ -101,9 +101,18 @@ def _unpack(values, dim: int) -> tuple[np.ndarray, np.ndarray]:
     return out, has
 
 
-def _from_routed(pdf: pd.DataFrame, dims: dict[str, int]) -> fusion.Products:
+def products_from_routed(pdf: pd.DataFrame, dims: dict[str, int]) -> fusion.Products:
     """Products from routed rows (vectors as float32 bytes, already normalised)."""
-    return _products(pdf, {m: _unpack(pdf[f"{m}_vec"].tolist(), d) for m, d in dims.items()})
+    return _products(pdf, {m: unpack_vectors(pdf[f"{m}_vec"].tolist(), d) for m, d in dims.items()})
+
+
+def routed_frame(ids: np.ndarray, p: fusion.Products) -> pd.DataFrame:
+    """Products as rows to ship to a cell: vectors as raw float32 bytes (Arrow moves a binary value in
+    one copy, where an array<float> costs a conversion per element on both sides)."""
+    return pd.DataFrame({"product_id": ids,
+                         **{f"{m}_vec": [v.tobytes() if h else None for v, h in zip(p.vectors[m], p.has[m])]
+                            for m in fusion.DENSE},
+                         "brand": p.brand, "category": p.category, "log_price": p.log_price, "source": p.source})
 
 
 ROUTED_SCHEMA = T.StructType([
@@ -122,7 +131,7 @@ QUERY_CHUNK = 1024  # queries scored at a time: bounds memory to QUERY_CHUNK x m
 def score_cell(pdf: pd.DataFrame, *, dims: dict[str, int], weights: FusionWeights, price_scale: float,
                k: int, same_source_penalty: float = 0.0) -> pd.DataFrame:
     """One cell: every product whose home it is, against every product stored in it; best k each."""
-    members = _from_routed(pdf, dims)
+    members = products_from_routed(pdf, dims)
     query_rows = np.flatnonzero(pdf["home"].to_numpy(dtype=bool))
     out: dict[str, list] = {f: [] for f in LISTS_SCHEMA.fieldNames()}
     for start in range(0, len(query_rows), QUERY_CHUNK):
@@ -163,59 +172,75 @@ def _refine(products: DataFrame, centroids: np.ndarray, *, dims: dict[str, int],
     return centroids
 
 
-def find_neighbours(products: DataFrame, settings: JoinSettings) -> DataFrame:
-    """(product_id, neighbours: array<struct>) for every product in ``products`` (columns as
-    :func:`join_inputs` returns; vector columns may be null or absent). ``products`` is scanned
-    3 + ``refine_passes`` times: persist it first when it is expensive to compute."""
-    spark = products.sparkSession
+class Cells(NamedTuple):
+    """The IVF plan of one join: centroids over the fused dense vectors and the input's shape."""
+
+    centroids: np.ndarray     # (cells, d) float32 unit rows
+    shape: InputShape
+
+
+def standard_columns(products: DataFrame) -> DataFrame:
+    """``products`` with exactly the columns the join reads (absent vectors null, attributes missing)."""
     for m in fusion.DENSE:
         if _vector_col(m) not in products.columns:
             products = products.withColumn(_vector_col(m), F.lit(None).cast("array<float>"))
     for col, typ in (("brand", "long"), ("category", "long"), ("log_price", "double"), ("source", "long")):
         if col not in products.columns:
             products = products.withColumn(col, F.lit(None if col == "log_price" else -1).cast(typ))
-    products = products.select("product_id", *[_vector_col(m) for m in fusion.DENSE], "brand", "category",
-                               "log_price", "source")
-    weights = settings.weights
+    return products.select("product_id", *[_vector_col(m) for m in fusion.DENSE], "brand", "category",
+                           "log_price", "source")
+
+
+def plan_cells(products: DataFrame, settings: JoinSettings) -> Cells:
+    """Step 1 of the join: centroids from a k-means on a sample (driver), refined over all products."""
+    products = standard_columns(products)
     started = time.perf_counter()
-    dims, n_total, several_sources = input_shape(products)
+    shape = input_shape(products)
+    dims, n_total = shape.dims, shape.count
+    if n_total == 0:
+        return Cells(np.zeros((1, 1), dtype=np.float32), shape)
+    fraction = min(1.0, settings.sample_size / n_total)
+    sample = products.sample(fraction=fraction, seed=settings.seed).limit(settings.sample_size).toPandas()
+    centroids = fusion.train_cells(fusion.fused_dense(products_from_columns(sample, dims), settings.weights), n_total,
+                                   block_size=settings.block_size, max_block_size=settings.max_block_size,
+                                   iterations=settings.kmeans_iterations, seed=settings.seed)
+    # when the sample was every product, its k-means already saw all the data: nothing to refine
+    refine = settings.refine_passes if fraction < 1 and len(centroids) > 1 else 0
+    centroids = _refine(products, centroids, dims=dims, weights=settings.weights, passes=refine)
+    log.info("[join] %d products, %d cells (block_size %d, max %d), spill %d; planned in %.1f s",
+             n_total, len(centroids), settings.block_size, settings.max_block_size, settings.spill,
+             time.perf_counter() - started)
+    return Cells(centroids, shape)
+
+
+def find_neighbours(products: DataFrame, settings: JoinSettings, cells: Cells | None = None) -> DataFrame:
+    """(product_id, neighbours: array<struct>) for every product in ``products`` (columns as
+    :func:`join_inputs` returns; vector columns may be null or absent), using ``cells`` (default: planned
+    here by :func:`plan_cells`). ``products`` is scanned 3 + ``refine_passes`` times: persist it first
+    when it is expensive to compute."""
+    spark = products.sparkSession
+    products = standard_columns(products)
+    weights = settings.weights
+    cells = cells or plan_cells(products, settings)
+    centroids, (dims, n_total, several_sources) = cells
     # one source (or none known): the penalty would lower every score alike and change no ranking
     penalty = settings.same_source_penalty if several_sources else 0.0
     if n_total == 0:
         return spark.createDataFrame([], T.StructType([T.StructField("product_id", T.StringType()),
                                                         T.StructField("neighbours", T.ArrayType(NEIGHBOUR))]))
-
-    # 1. centroids: k-means on a sample on the driver, then refined over all products
-    fraction = min(1.0, settings.sample_size / n_total)
-    sample = products.sample(fraction=fraction, seed=settings.seed).limit(settings.sample_size).toPandas()
-    centroids = fusion.train_cells(fusion.fused_dense(products_from_columns(sample, dims), weights), n_total,
-                                   block_size=settings.block_size, max_block_size=settings.max_block_size,
-                                   iterations=settings.kmeans_iterations, seed=settings.seed)
-    # when the sample was every product, its k-means already saw all the data: nothing to refine
-    refine = settings.refine_passes if fraction < 1 and len(centroids) > 1 else 0
-    centroids = _refine(products, centroids, dims=dims, weights=weights, passes=refine)
-    log.info("[join] %d products, %d cells (block_size %d, max %d), spill %d; planned in %.1f s",
-             n_total, len(centroids), settings.block_size, settings.max_block_size, settings.spill,
-             time.perf_counter() - started)
     if several_sources:
         log.info("[join] products come from several sources: same-source pairs score %.2f lower "
                  "(join.same_source_penalty)", penalty)
     spill, hard, k, scale = settings.spill, settings.category_mode == "hard", settings.k, settings.price_scale
 
-    # 2. route: each product to its `spill` nearest cells; the nearest is its home, where it is searched
-    # from. Vectors travel as raw float32 bytes: Arrow moves a binary value in one copy, where an
-    # array<float> costs a conversion per element on both sides.
+    # 2. route: each product to its `spill` nearest cells; the nearest is its home, where it is searched from
     def route(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
             p = products_from_columns(pdf, dims)
-            cells = fusion.nearest_cells(fusion.fused_dense(p, weights), centroids, spill)
-            flat = pd.DataFrame({
-                "product_id": pdf["product_id"].to_numpy(),
-                **{f"{m}_vec": [v.tobytes() if h else None for v, h in zip(p.vectors[m], p.has[m])]
-                   for m in fusion.DENSE},
-                "brand": p.brand, "category": p.category, "log_price": p.log_price, "source": p.source})
-            copies = flat.loc[flat.index.repeat(cells.shape[1])].assign(
-                cell=cells.reshape(-1).astype(np.int64), home=np.tile(np.arange(cells.shape[1]) == 0, len(flat)))
+            nearest = fusion.nearest_cells(fusion.fused_dense(p, weights), centroids, spill)
+            flat = routed_frame(pdf["product_id"].to_numpy(), p)
+            copies = flat.loc[flat.index.repeat(nearest.shape[1])].assign(
+                cell=nearest.reshape(-1).astype(np.int64), home=np.tile(np.arange(nearest.shape[1]) == 0, len(flat)))
             yield copies[ROUTED_SCHEMA.fieldNames()]
 
     # 3. exact fused scores inside each cell; each product is a query in exactly one cell, so its

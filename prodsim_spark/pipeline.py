@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from prodsim_spark import embed, encoders, ingest, io, join, lexical
+from prodsim_spark import embed, encoders, index, ingest, io, join, lexical
 from prodsim_spark.config import ProdsimConfig
 from prodsim_spark.progress import stage
-from prodsim_spark.tables import CATALOG, EMBEDDINGS, NEIGHBOURS, RunTables, live_catalog, live_embeddings, \
-    neighbours_counts
+from prodsim_spark.tables import CATALOG, EMBEDDINGS, INDEX, NEIGHBOURS, SEARCH, RunTables, live_catalog, \
+    live_embeddings, neighbours_counts
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +98,12 @@ def run_embed(spark: SparkSession, output: str, config: ProdsimConfig, result: R
     return result
 
 
-def join_products(catalog: DataFrame, embeddings: DataFrame, config: ProdsimConfig, *, with_lexical: bool
-                  ) -> DataFrame:
+def join_products(catalog: DataFrame, embeddings: DataFrame, config: ProdsimConfig, *, with_lexical: bool,
+                  idf=None) -> DataFrame:
     """The join's input, persisted: catalog attributes and embeddings, plus the lexical channel when
-    ``with_lexical`` and ``lexical.enabled`` (recomputed from the catalog: its IDF depends on all of it)."""
-    lexical_vectors = (lexical.lexical_vectors(live_catalog(catalog), config.lexical)
+    ``with_lexical`` and ``lexical.enabled`` (recomputed from the catalog: its IDF depends on all of it;
+    ``idf``: weights already fitted, e.g. the index's)."""
+    lexical_vectors = (lexical.lexical_vectors(live_catalog(catalog), config.lexical, idf)
                        if with_lexical and config.lexical.enabled else None)
     return join.join_inputs(catalog, embeddings, lexical_vectors).persist()
 
@@ -114,22 +115,75 @@ def run_products(spark: SparkSession, output: str, config: ProdsimConfig) -> Dat
     return join_products(tables.read(spark, CATALOG), tables.read(spark, EMBEDDINGS), config, with_lexical=True)
 
 
+def encoder_ids(embeddings: DataFrame) -> tuple[str | None, str | None]:
+    """The text and image encoder ids the live vectors of an embeddings table were made with (one each
+    after an embed run; several would be joined by '|', which no config matches)."""
+    row = live_embeddings(embeddings).agg(
+        F.array_sort(F.collect_set(F.when(F.col("text_embedding").isNotNull(), F.col("text_encoder")))).alias("t"),
+        F.array_sort(F.collect_set(F.when(F.col("image_embedding").isNotNull(), F.col("image_encoder")))).alias("i"),
+    ).first()
+    return ("|".join(row["t"]) or None), ("|".join(row["i"]) or None)
+
+
 def run_join(spark: SparkSession, output: str, config: ProdsimConfig, result: RunResult) -> RunResult:
     tables = RunTables.at(output)
     catalog = tables.read(spark, CATALOG)
     embeddings = tables.read(spark, EMBEDDINGS)
     path = tables.neighbours
     with stage(spark, "join", f"top-{config.join.k} fused neighbours -> {path}"):
-        products = join_products(catalog, embeddings, config, with_lexical=config.join.weights.lexical > 0)
-        found = join.find_neighbours(products, config.join)
+        with_lexical = config.lexical.enabled and config.join.weights.lexical > 0
+        idf = lexical.fit_idf(live_catalog(catalog), config.lexical) if with_lexical else None
+        products = join_products(catalog, embeddings, config, with_lexical=with_lexical, idf=idf)
+        cells = join.plan_cells(products, config.join)
+        found = join.find_neighbours(products, config.join, cells)
         io.write_delta(join.neighbours_table(catalog, found, embeddings), path)
         products.unpersist()
+        built = index.build_index(cells.centroids, idf, cells.shape.dims, config, *encoder_ids(embeddings))
+        io.write_delta(index.index_rows(spark, built), tables.index)
         result.join = neighbours_counts(tables.read(spark, NEIGHBOURS))  # what landed
         if config.embed.on_removed == "delete":  # no table lists them any more: safe to delete now
             embed.purge_removed(spark, tables.embeddings)
     result.tables[NEIGHBOURS] = path
-    log.info("[join] %d rows, %d with neighbours", result.join["rows"], result.join["with_neighbours"])
+    result.tables[INDEX] = tables.index
+    log.info("[join] %d rows, %d with neighbours; index of %d cells (%s)", result.join["rows"],
+             result.join["with_neighbours"], len(cells.centroids), built.fingerprint)
     return result
+
+
+def run_search(spark: SparkSession, queries_path: str, output: str, config: ProdsimConfig, *,
+               fmt: str | None = None) -> dict[str, int]:
+    """Answer a queries table against a finished run (its catalog, embeddings and index) and write
+    ``<output>/search`` in one transaction; returns the counts of what landed."""
+    from prodsim_spark import search
+    from prodsim_spark.errors import InputError
+
+    tables = RunTables.at(output)
+    tables.require(spark, CATALOG, EMBEDDINGS, INDEX)
+    built = search.load_index(spark, tables, config)
+    path = tables.search
+    with stage(spark, "search", f"top-{config.search.k} products per query of {queries_path} -> {path}"):
+        raw = io.read_catalog(spark, queries_path, config.ingest, what="queries", stage="search", fmt=fmt)
+        folder = io.catalog_folder(queries_path)
+        roots = [folder, *(r for r in (config.ingest.image_root, *config.ingest.image_roots) if r)]
+        queries = search.validate_queries(raw, config.search, image_roots=roots,
+                                          image_schemes=config.ingest.image_schemes).persist()
+        if queries.limit(1).count() == 0:
+            raise InputError("the queries table has no rows; nothing was written", stage="search", path=queries_path)
+        vectors = search.embed_queries(queries, config, built.idf, torch_threads(spark, config)).persist()
+        products = join_products(tables.read(spark, CATALOG), tables.read(spark, EMBEDDINGS), config,
+                                 with_lexical=built.idf is not None, idf=built.idf)
+        found = search.search_products(vectors, products, built, config.search)
+        io.write_delta(search.results_table(queries, found, vectors, built), path)
+        for df in (queries, vectors, products):
+            df.unpersist()
+        written = tables.read(spark, SEARCH)
+        row = written.agg(F.count("*").alias("queries"),
+                          F.sum(F.when(F.size("results") > 0, 1).otherwise(0)).alias("with_results"),
+                          F.sum(F.when(F.col("status") == "rejected", 1).otherwise(0)).alias("rejected")).first()
+    counts = {k: int(row[k] or 0) for k in ("queries", "with_results", "rejected")}
+    log.info("[search] %d queries: %d with results, %d rejected", counts["queries"], counts["with_results"],
+             counts["rejected"])
+    return counts
 
 
 def run_pipeline(spark: SparkSession, catalog_path: str, output: str, config: ProdsimConfig) -> RunResult:

@@ -5,6 +5,9 @@ A run writes Delta tables under one output folder (``--output``)::
     <output>/catalog      every input row, with status and reason          (ingest)
     <output>/embeddings   text and image vectors per product, incremental  (embed)
     <output>/neighbours   per catalog row, its K most similar products     (neighbours)
+    <output>/index        the join's IVF cells and what they were built with (neighbours)
+    <output>/search       per query, the products that answer it           (search)
+    <output>/groups       per catalog row, its group of listings of one product (group)
     <output>/report.html  the HTML report                                  (report)
 
 Live rows: catalog rows that were not rejected, embeddings rows that were not flagged removed. Every
@@ -20,12 +23,13 @@ from pyspark.sql import functions as F
 
 from prodsim_spark.errors import TableError
 
-CATALOG, EMBEDDINGS, NEIGHBOURS = "catalog", "embeddings", "neighbours"
-TABLES = (CATALOG, EMBEDDINGS, NEIGHBOURS)
+CATALOG, EMBEDDINGS, NEIGHBOURS, INDEX, SEARCH, GROUPS = "catalog", "embeddings", "neighbours", "index", "search", "groups"
+TABLES = (CATALOG, EMBEDDINGS, NEIGHBOURS, INDEX, SEARCH, GROUPS)
 REPORT_HTML = "report.html"
 # the command that writes each table: named in the error when a table is missing
 WRITTEN_BY = {CATALOG: "prodsim ingest (or prodsim run)", EMBEDDINGS: "prodsim embed (or prodsim run)",
-              NEIGHBOURS: "prodsim neighbours (or prodsim run)"}
+              NEIGHBOURS: "prodsim neighbours (or prodsim run)", INDEX: "prodsim neighbours (or prodsim run)",
+              SEARCH: "prodsim search", GROUPS: "prodsim group (or prodsim run)"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,9 @@ class RunTables:
     catalog = property(lambda self: self.path(CATALOG), doc="<output>/catalog")
     embeddings = property(lambda self: self.path(EMBEDDINGS), doc="<output>/embeddings")
     neighbours = property(lambda self: self.path(NEIGHBOURS), doc="<output>/neighbours")
+    index = property(lambda self: self.path(INDEX), doc="<output>/index")
+    search = property(lambda self: self.path(SEARCH), doc="<output>/search")
+    groups = property(lambda self: self.path(GROUPS), doc="<output>/groups")
     report_html = property(lambda self: self.path(REPORT_HTML), doc="<output>/report.html")
 
     def exists(self, spark: SparkSession, name: str) -> bool:

@@ -123,7 +123,6 @@ def train_text(records: list[dict], base_folder: str, model_out: str, settings: 
     Loss per batch of B pairs (symmetric InfoNCE at ``1 / temperature`` scale): cross-entropy of each
     anchor against the B positives and the anchors' hard negatives, plus of each positive against the B
     anchors and the positives' hard negatives. Returns the training figures (from rank 0)."""
-    import numpy as np
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -236,7 +235,6 @@ def train_image(records: list[dict], image_settings_json: str, model_out: str, s
     image settings (its weights as configured), the last ``trainable_blocks`` blocks and a projection
     head trained with a supervised contrastive loss (every other view of a photo of the same group is a
     positive, every other photo a negative). Returns the training figures (from rank 0)."""
-    import numpy as np
     import torch
     from safetensors.torch import save_model
     from torchvision import transforms as T

@@ -127,6 +127,7 @@ def test_fine_tune_image_trains_a_projection_that_embed_uses(spark, sample_run, 
     model = tmp_path / "image"
     code, printed = command("fine-tune", "--modality", "image", "--run", str(out), "--groups", str(GROUPS),
                             "--model-out", str(model), "--json", "--set", "finetune.image.epochs=2",
+                            "--set", "finetune.image.trainable_blocks=1",
                             "--set", "finetune.image.views=1", "--set", "finetune.image.projection_dim=64",
                             "--set", "spark.master=local[2]", "--progress", "off")
     assert code == 0
