@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pyspark.sql import functions as F
 
-from prodsim_spark import evaluate, finetune, io, join
+from prodsim_spark import evaluate, finetune, groups, io, join
 from prodsim_spark.config import FusionWeights, ProdsimConfig, with_overrides
 from prodsim_spark.pipeline import RunResult, run_embed, run_ingest, run_join, run_products
 from prodsim_spark.tables import CATALOG, NEIGHBOURS, RunTables
@@ -70,7 +70,7 @@ def bench_amazon_google(spark, config: ProdsimConfig, data: Path, work: Path) ->
     catalog = pretrained.read(spark, CATALOG)
     neighbours = pretrained.read(spark, NEIGHBOURS)
     # folds by connected component: no product, and no product of a matched group, on both sides
-    fold_of = finetune.label_groups(pairs).select("product_id", (F.abs(F.xxhash64("group")) % 2).alias("fold")).persist()
+    fold_of = groups.label_groups(pairs).select("product_id", (F.abs(F.xxhash64("group")) % 2).alias("fold")).persist()
     cutoffs = config.evaluate.cutoffs
     content_only = config.join.replaced(same_source_penalty=0.0)
     base_products = run_products(spark, pretrained.output, config)

@@ -18,7 +18,7 @@ log = logging.getLogger("prodsim_spark.cli")
 
 _EXIT_USAGE = 2
 # command-line flags that are shorthands for one config key each
-_FLAG_KEYS = {"format": "ingest.format", "k": "join.k"}
+_FLAG_KEYS = {"format": "ingest.format", "k": "join.k", "threshold": "group.threshold"}
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -145,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--neighbours", metavar="DIR", help="a neighbours Delta table (<output>/neighbours)")
     _add_pairs_args(ev, "without it (or empty), only coverage: rows with lists, list length, top score")
     ev.add_argument("--ablation", action="store_true", help="also each modality alone (re-runs the join)")
+    ev.add_argument("--groups", action="store_true",
+                    help="evaluate grouping instead: pairwise and B-cubed precision/recall/F1 against the labels, "
+                         "for each threshold of evaluate.group_thresholds (needs --output and --pairs)")
+    ev.add_argument("--write", default=None, metavar="YAML",
+                    help="with --groups: write the threshold of the best pairwise F1 to this config file")
     ev.add_argument("--json", action="store_true")
     _add_config_args(ev)
 
@@ -168,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pairs_args(fw, "required", required=True)
     fw.add_argument("--write", required=True, metavar="YAML", help="config file to write the weights to")
     _add_config_args(fw)
+
+    gr = sub.add_parser(
+        "group", help="group a run's listings of one product into <output>/groups",
+        description="Connected components of the neighbour pairs scoring at least group.threshold (on Spark), "
+                    "oversized components split again at higher thresholds (group.max_size), then average "
+                    "linkage inside each component; one row per catalog row with its group.")
+    gr.add_argument("--output", required=True, metavar="DIR", help="a finished run's output folder")
+    gr.add_argument("--threshold", type=float, default=None, help="sets group.threshold")
+    _add_config_args(gr)
 
     se = sub.add_parser(
         "search", help="rank a run's products for a table of shoppers' queries",
@@ -275,6 +289,8 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{e['image_failed']} images unreadable, {e['reused']} products reused, {e['removed']} removed")
     if result.join:
         print(f"  join:    {result.join['with_neighbours']} of {result.join['rows']} rows have neighbours")
+    if result.groups:
+        print(f"  groups:  {result.groups['groups']} groups, the largest of {result.groups['largest_group']}")
     for name, path in result.tables.items():
         print(f"  table:   {name:<12} {path}")
     if result.join:
@@ -427,6 +443,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _precheck_pairs(args.pairs)
     if args.ablation and not args.pairs:
         raise ConfigError("--ablation needs --pairs")
+    if args.groups:
+        return _evaluate_groups(args, config)
+    if args.write:
+        raise ConfigError("--write goes with --groups")
     if args.output:
         tables, name = RunTables.at(args.output), NEIGHBOURS
     else:  # a neighbours table by its path: its run folder is the folder that holds it
@@ -450,6 +470,61 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=2))
     else:
         print(evaluate.markdown_table(results))
+    return 0
+
+
+def _evaluate_groups(args: argparse.Namespace, config: ProdsimConfig) -> int:
+    """evaluate --groups: each swept threshold groups the run anew (nothing written but --write's file)."""
+    import json
+
+    from prodsim_spark import evaluate, groups, io, pipeline
+    from prodsim_spark.config import with_overrides, write_config
+    from prodsim_spark.session import get_session
+    from prodsim_spark.tables import CATALOG, EMBEDDINGS, NEIGHBOURS, RunTables
+
+    if not (args.output and args.pairs):
+        raise ConfigError("--groups needs --output (a finished run) and --pairs (labelled pairs or groups)")
+    tables = RunTables.at(args.output)
+    spark = get_session(config.spark)
+    tables.require(spark, CATALOG, EMBEDDINGS, NEIGHBOURS)
+    truth = (io.read_groups(spark, args.pairs) if "group" in io.csv_header(args.pairs)
+             else groups.label_groups(io.read_pairs(spark, args.pairs, args.left_col, args.right_col))).persist()
+    products = pipeline.run_products(spark, tables.output, config)
+    sweep = {}
+    for threshold in config.evaluate.group_thresholds:
+        at = with_overrides(config, [f"group.threshold={threshold}"])
+        table, _, counts = pipeline.group_products(spark, tables.output, at, products)
+        sweep[str(threshold)] = {**evaluate.group_metrics(table, truth), "components_split": counts["components_split"]}
+        log.info("[evaluate] group.threshold %.2f: %s", threshold, sweep[str(threshold)])
+    best = max(sweep, key=lambda t: (sweep[t]["pairwise_f1"], -float(t)))
+    result = {"thresholds": sweep, "best_threshold": float(best), "best": sweep[best]}
+    if args.write:
+        write_config(args.write, {"group": {"threshold": float(best)}},
+                     f"group.threshold fitted by 'prodsim evaluate --groups' on {args.pairs} (pairwise F1 "
+                     f"{sweep[best]['pairwise_f1']});\nuse with: prodsim run --conf {args.write} ...")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        cols = ["pairwise_precision", "pairwise_recall", "pairwise_f1", "bcubed_f1", "groups", "largest_group"]
+        print("| group.threshold | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|")
+        for t, m in sweep.items():
+            print(f"| {t} | " + " | ".join(str(m[c]) for c in cols) + " |")
+        print(f"best pairwise F1 at group.threshold {best}" + (f": written to {args.write}" if args.write else ""))
+    return 0
+
+
+def cmd_group(args: argparse.Namespace) -> int:
+    from prodsim_spark import pipeline
+    from prodsim_spark.session import get_session
+    from prodsim_spark.tables import RunTables
+
+    config = _config_from(args)
+    tables = RunTables.at(args.output)
+    spark = get_session(config.spark)
+    result = pipeline.run_group(spark, tables.output, config, pipeline.RunResult(output=tables.output))
+    g = result.groups
+    print(f"prodsim group: {g['groups']} groups (largest {g['largest_group']}), {g['components_split']} of "
+          f"{g['components']} components split by the chaining guard -> {tables.groups}")
     return 0
 
 
@@ -519,7 +594,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_fine_tune(args: argparse.Namespace) -> int:
     import json
 
-    from prodsim_spark import finetune, io
+    from prodsim_spark import finetune, groups, io
     from prodsim_spark.progress import stage
     from prodsim_spark.session import get_session
     from prodsim_spark.tables import CATALOG, NEIGHBOURS, RunTables
@@ -539,7 +614,7 @@ def cmd_fine_tune(args: argparse.Namespace) -> int:
             rows, not_found = finetune.text_training_rows(catalog, io.read_pairs(spark, labels), neighbours, config)
         else:
             groups = (io.read_groups(spark, args.groups) if args.groups
-                      else finetune.label_groups(io.read_pairs(spark, args.pairs)))
+                      else groups.label_groups(io.read_pairs(spark, args.pairs)))
             rows, not_found = finetune.image_training_rows(catalog, groups)
         result = finetune.fine_tune(spark, args.modality, rows, not_found, config, args.model_out, args.base)
     if args.json:
@@ -553,7 +628,7 @@ def cmd_fine_tune(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "ingest": cmd_stage, "embed": cmd_stage, "neighbours": cmd_stage, "bench": cmd_bench,
             "evaluate": cmd_evaluate, "fit-weights": cmd_fit_weights, "report": cmd_report,
-            "fine-tune": cmd_fine_tune, "search": cmd_search}
+            "fine-tune": cmd_fine_tune, "search": cmd_search, "group": cmd_group}
 
 # a ProdsimError raised inside a Spark task reaches the driver as the text of a PythonException
 _TASK_ERROR = re.compile(r"prodsim_spark\.errors\.(\w+): (.+)")

@@ -275,6 +275,9 @@ class EvaluateSettings(_Section):
     cutoffs: list[int] = Field(default_factory=lambda: [1, 5, 10, 20], min_length=1)
     """The k of recall@k and precision@k that evaluations report. The lists themselves have join.k
     entries: a cut-off above join.k counts only what the lists hold."""
+    group_thresholds: list[float] = Field(default_factory=lambda: [0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9],
+                                          min_length=1)
+    """The group.threshold values that prodsim evaluate --groups sweeps (each one groups the run anew)."""
 
     @field_validator("cutoffs")
     @classmethod
@@ -282,6 +285,27 @@ class EvaluateSettings(_Section):
         if any(k < 1 for k in value):
             raise ValueError("cut-offs are ranks, 1 or more")
         return sorted(set(value))
+
+
+class GroupSettings(_Section):
+    """``prodsim group``: listings of one product, from the neighbour lists (prodsim_spark/groups.py)."""
+
+    enabled: bool = True
+    """prodsim run writes <output>/groups after the neighbours."""
+    threshold: float = Field(default=0.75, ge=0, le=1)
+    """Neighbour pairs scoring at least this are edges; inside a component, clusters merge while their
+    mean pairwise fused score is at least this. Higher: purer, smaller groups (precision up, recall
+    down). prodsim evaluate --groups sweeps it against labels and can write the best one."""
+    mutual: bool = False
+    """Only pairs that list each other are edges (fewer chains through hub products, fewer links)."""
+    max_size: int = Field(default=200, ge=2)
+    """Chaining guard: a connected component larger than this is split again at a higher threshold
+    (and every group is at most this big). It also bounds the memory of one linkage task (max_size^2)."""
+    split_step: float = Field(default=0.05, gt=0, le=1)
+    """How much higher each split of an oversized component sets the threshold."""
+    linkage: Literal["average", "none"] = "average"
+    """average: average-linkage clustering of every pair's fused score inside each component (resists
+    chaining); none: the thresholded connected components are the groups."""
 
 
 class QueryColumns(_Section):
@@ -376,6 +400,7 @@ class ProdsimConfig(_Section):
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     finetune: FineTuneSettings = Field(default_factory=FineTuneSettings)
     search: SearchSettings = Field(default_factory=SearchSettings)
+    group: GroupSettings = Field(default_factory=GroupSettings)
 
 
 # --------------------------------------------------------------------------------------------

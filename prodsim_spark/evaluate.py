@@ -121,3 +121,36 @@ def ablations(products: DataFrame, config: ProdsimConfig) -> dict[str, DataFrame
             products, settings.replaced(same_source_penalty=0.0)).persist()
     out["fused"] = join.find_neighbours(products, settings).persist()
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# groups
+
+
+def group_metrics(groups: DataFrame, truth: DataFrame) -> dict:
+    """Pairwise precision, recall and F1 and B-cubed F1 of predicted groups (product_id, group_id) against
+    labelled groups (product_id, group), over the products of ``groups``; a product without a label is
+    a true group of its own (labels list every match)."""
+    live = groups.where(F.col("group_id").isNotNull()).select("product_id", "group_id")
+    labelled = live.join(truth.select("product_id", F.col("group").cast("string").alias("truth")), "product_id", "left") \
+        .withColumn("truth", F.coalesce("truth", F.concat(F.lit("\u0000"), "product_id")))
+    cells = labelled.groupBy("group_id", "truth").agg(F.count("*").alias("c"))
+    pred = labelled.groupBy("group_id").agg(F.count("*").alias("g"))
+    true = labelled.groupBy("truth").agg(F.count("*").alias("t"))
+    row = (cells.join(pred, "group_id").join(true, "truth")
+           .agg(F.sum(F.col("c") * (F.col("c") - 1) / 2).alias("both"), F.sum("c").alias("n"),
+                F.sum(F.col("c") * F.col("c") / F.col("g")).alias("b_precision"),
+                F.sum(F.col("c") * F.col("c") / F.col("t")).alias("b_recall")).first())
+    predicted = pred.agg(F.sum(F.col("g") * (F.col("g") - 1) / 2)).first()[0] or 0
+    actual = true.agg(F.sum(F.col("t") * (F.col("t") - 1) / 2)).first()[0] or 0
+    both, n = float(row["both"] or 0), int(row["n"] or 0)
+    precision = both / predicted if predicted else 1.0
+    recall = both / actual if actual else 1.0
+    bp = float(row["b_precision"] or 0) / n if n else 0.0
+    br = float(row["b_recall"] or 0) / n if n else 0.0
+    f1 = lambda p, r: 2 * p * r / (p + r) if p + r else 0.0  # noqa: E731
+    sizes = pred.agg(F.count("*").alias("groups"), F.max("g").alias("largest")).first()
+    return {"pairwise_precision": round(precision, 4), "pairwise_recall": round(recall, 4),
+            "pairwise_f1": round(f1(precision, recall), 4), "bcubed_precision": round(bp, 4),
+            "bcubed_recall": round(br, 4), "bcubed_f1": round(f1(bp, br), 4), "products": n,
+            "groups": int(sizes["groups"] or 0), "largest_group": int(sizes["largest"] or 0)}

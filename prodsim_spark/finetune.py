@@ -94,27 +94,6 @@ def hard_negatives(pairs: DataFrame, truth: DataFrame, neighbours: DataFrame, te
             .select("query", "match", F.col("n.negative_text").alias("negatives")))
 
 
-def label_groups(pairs: DataFrame) -> DataFrame:
-    """(product_id, group) from labelled pairs: the connected components of the pairs (the labels are
-    small: they are gathered to the driver)."""
-    parent: dict[str, str] = {}
-
-    def root(x: str) -> str:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for row in pairs.where("left_id IS NOT NULL AND right_id IS NOT NULL").collect():
-        a, b = root(row["left_id"]), root(row["right_id"])
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-    members = [(x, root(x)) for x in parent]
-    spark = pairs.sparkSession
-    return spark.createDataFrame(members or [], "product_id string, group string")
-
-
 def image_training_rows(catalog: DataFrame, groups: DataFrame) -> tuple[DataFrame, int]:
     """(rows, ids_not_found): rows ``product_id, uri, group`` of the labelled products that have an image
     (after ingest's image policy), in groups of two or more such products (a photo alone in its group

@@ -256,7 +256,8 @@ def image_uri_verdict(uri: str, roots: Sequence[str], schemes: Sequence[str]) ->
     return None, "outside the catalog folder and ingest.image_roots"
 
 
-def _header(path: str) -> list[str]:
+def csv_header(path: str) -> list[str]:
+    """The header row of a labels CSV (InputError when the file does not exist)."""
     if not Path(path).is_file():
         raise InputError("labelled pairs file does not exist", path=path)
     with open(path, newline="", encoding="utf-8") as f:
@@ -266,7 +267,7 @@ def _header(path: str) -> list[str]:
 def read_groups(spark: SparkSession, path: str, id_col: str | None = None) -> DataFrame:
     """Labelled groups as (product_id, group) from a CSV with a header: a ``group`` column and an id
     column (``id_col``; default: the first other column)."""
-    header = _header(path)
+    header = csv_header(path)
     if "group" not in header:
         raise InputError(f"groups file has no 'group' column (columns: {header})", path=path)
     ids = id_col or next((c for c in header if c != "group"), None)
@@ -281,7 +282,7 @@ def read_pairs(spark: SparkSession, path: str, left_col: str | None = None, righ
                ) -> DataFrame:
     """Labelled match pairs as (left_id, right_id) from a CSV with a header: a pairs file (default: its
     first two columns), or a groups file with a ``group`` column (every two products of one group match)."""
-    header = _header(path)
+    header = csv_header(path)
     if "group" in header and not (left_col and right_col):
         members = read_groups(spark, path, left_col)
         a, b = members.alias("a"), members.alias("b")

@@ -20,8 +20,8 @@ from pyspark.sql import functions as F
 from prodsim_spark import embed, encoders, index, ingest, io, join, lexical
 from prodsim_spark.config import ProdsimConfig
 from prodsim_spark.progress import stage
-from prodsim_spark.tables import CATALOG, EMBEDDINGS, INDEX, NEIGHBOURS, SEARCH, RunTables, live_catalog, \
-    live_embeddings, neighbours_counts
+from prodsim_spark.tables import CATALOG, EMBEDDINGS, GROUPS, INDEX, NEIGHBOURS, SEARCH, RunTables, \
+    live_catalog, live_embeddings, neighbours_counts
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ class RunResult:
     reasons: dict[str, int] = field(default_factory=dict)
     embed: dict[str, int] = field(default_factory=dict)
     join: dict[str, int] = field(default_factory=dict)
+    groups: dict[str, int] = field(default_factory=dict)
 
 
 def run_ingest(spark: SparkSession, catalog_path: str, output: str, config: ProdsimConfig) -> RunResult:
@@ -150,6 +151,40 @@ def run_join(spark: SparkSession, output: str, config: ProdsimConfig, result: Ru
     return result
 
 
+def group_products(spark: SparkSession, output: str, config: ProdsimConfig, products: DataFrame | None = None
+                   ) -> tuple[DataFrame, DataFrame, dict]:
+    """(groups table, edges, counts) of a finished run at ``config.group`` (nothing written);
+    ``products``: the join's input when the caller has it persisted already."""
+    from prodsim_spark import groups
+
+    tables = RunTables.at(output)
+    own = products is None
+    if own:
+        products = join_products(tables.read(spark, CATALOG), tables.read(spark, EMBEDDINGS), config,
+                                 with_lexical=config.lexical.enabled and config.join.weights.lexical > 0)
+    neighbours = tables.read(spark, NEIGHBOURS)
+    grouped, edge_table, counts = groups.find_groups(products, neighbours, config.group, config.join)
+    table = groups.groups_table(tables.read(spark, CATALOG), grouped, edge_table)
+    if own:
+        products.unpersist()
+    return table, edge_table, counts
+
+
+def run_group(spark: SparkSession, output: str, config: ProdsimConfig, result: RunResult) -> RunResult:
+    """Group a finished run's listings into <output>/groups (one transaction)."""
+    tables = RunTables.at(output)
+    tables.require(spark, CATALOG, EMBEDDINGS, NEIGHBOURS)
+    with stage(spark, "group", f"groups at threshold {config.group.threshold} -> {tables.groups}"):
+        table, _, counts = group_products(spark, output, config)
+        io.write_delta(table, tables.groups)
+    result.groups = counts
+    result.tables[GROUPS] = tables.groups
+    log.info("[group] %d groups, the largest of %d; %d of %d components split by the chaining guard "
+             "(group.max_size %d)", counts["groups"], counts["largest_group"], counts["components_split"],
+             counts["components"], config.group.max_size)
+    return result
+
+
 def run_search(spark: SparkSession, queries_path: str, output: str, config: ProdsimConfig, *,
                fmt: str | None = None) -> dict[str, int]:
     """Answer a queries table against a finished run (its catalog, embeddings and index) and write
@@ -192,4 +227,6 @@ def run_pipeline(spark: SparkSession, catalog_path: str, output: str, config: Pr
     if config.embed.text.enabled or config.embed.image.enabled:
         run_embed(spark, output, config, result)
         run_join(spark, output, config, result)
+        if config.group.enabled:
+            run_group(spark, output, config, result)
     return result

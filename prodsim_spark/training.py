@@ -171,7 +171,7 @@ def train_text(records: list[dict], base_folder: str, model_out: str, settings: 
                 loss.backward()
                 optimiser.step()
                 scheduler.step()
-                total, seen = total + float(loss), seen + len(batch)
+                total, seen = total + float(loss.detach()), seen + len(batch)
             losses.append(round(total / max(1, len(batches)), 4))
             if rank == 0:
                 print(f"[fine-tune] text epoch {epoch + 1}/{settings['epochs']}: loss {losses[-1]:.4f}, "
@@ -324,7 +324,7 @@ def train_image(records: list[dict], image_settings_json: str, model_out: str, s
                 loss.backward()
                 optimiser.step()
                 scheduler.step()
-                total, seen = total + float(loss), seen + len(rows)
+                total, seen = total + float(loss.detach()), seen + len(rows)
             losses.append(round(total / max(1, len(batches)), 4))
             if rank == 0 and ((epoch + 1) % 5 == 0 or epoch + 1 == settings["epochs"]):
                 print(f"[fine-tune] image epoch {epoch + 1}/{settings['epochs']}: loss {losses[-1]:.4f}", flush=True)
