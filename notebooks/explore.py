@@ -19,6 +19,7 @@ except ImportError:
 w = widgets()
 w.text("output", "out/notebook", "A run's output folder")
 w.text("product_id", "", "Product to look at (empty: the first with neighbours)")
+w.text("query", "golden delicious apple", "A shopper's query, for the search cell")
 
 # COMMAND ----------
 
@@ -29,7 +30,8 @@ from prodsim_spark.config import load_config
 from prodsim_spark.session import get_session
 from prodsim_spark.tables import CATALOG, NEIGHBOURS, RunTables
 
-spark = get_session(load_config().spark)
+config = load_config()  # the run's config: the same file(s) and --set values the run was made with
+spark = get_session(config.spark)
 tables = RunTables.at(w.get("output"))  # the run's folder and table paths (local paths made absolute)
 catalog = tables.read(spark, CATALOG)
 neighbours = tables.read(spark, NEIGHBOURS)
@@ -69,3 +71,19 @@ reverse = (neighbours.select("product_id", F.explode("neighbours").alias("n"))
            .where(F.col("n.product_id") == product_id).select("product_id", F.round("n.score", 3).alias("score"))
            .orderBy(F.desc("score")))
 reverse.show(10, truncate=False)
+
+# COMMAND ----------
+
+# MAGIC %md ## Search the catalog: a shopper's query, answered from the run's index
+# MAGIC `Searcher.load` reads the index and every product's vectors once; each `search` then takes
+# MAGIC milliseconds (text, image path or PIL image, or both; optional category and price filters).
+# MAGIC The score's parts (text, image, lexical) add up to the score.
+
+# COMMAND ----------
+
+from prodsim_spark.search import Searcher
+
+searcher = Searcher.load(spark, tables.output, config)
+answer = searcher.search(text=w.get("query"), k=5)
+print(answer.to_string(index=False))
+assert len(answer) > 0 and (abs(answer[["text", "image", "lexical"]].sum(axis=1) - answer["score"]) < 1e-4).all()

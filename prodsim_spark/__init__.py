@@ -13,7 +13,10 @@ DataFrames; only the ``run_*`` glue and :class:`RunTables` touch paths)::
 Stages: :func:`validate_catalog` (ingest), :func:`plan_embeddings` / :func:`encode` (embed),
 :func:`join_inputs` / :func:`find_neighbours` / :func:`neighbours_table` (join), :func:`metrics` /
 :func:`coverage` / :func:`ablations` (evaluate), :func:`fit_on_lists` (weights),
-:func:`collect_report` / :func:`render_html` (report). ``docs/architecture.md`` shows how they fit.
+:func:`collect_report` / :func:`render_html` (report), :func:`text_training_rows` / :func:`fine_tune`
+(fine-tune), :func:`validate_queries` / :func:`embed_queries` / :func:`search_products` and
+:class:`Searcher` (search), :func:`find_groups` / :func:`groups_table` / :func:`group_metrics` (groups).
+``docs/architecture.md`` shows how they fit.
 """
 from __future__ import annotations
 
@@ -33,9 +36,14 @@ _EXPORTS = {
     "join_inputs": "join", "find_neighbours": "join", "neighbours_table": "join",
     "metrics": "evaluate", "coverage": "evaluate", "ablations": "evaluate",
     "fit_on_lists": "weights",
+    "text_training_rows": "finetune", "image_training_rows": "finetune", "fine_tune": "finetune",
+    "Searcher": "search", "validate_queries": "search", "embed_queries": "search", "search_products": "search",
+    "find_groups": "groups", "groups_table": "groups", "group_metrics": "evaluate",
+    "Index": "index", "read_index": "index",
     "collect_report": "report", "render_html": "report", "write_html": "report",
     "run_pipeline": "pipeline", "run_ingest": "pipeline", "run_embed": "pipeline", "run_join": "pipeline",
-    "run_products": "pipeline", "RunResult": "pipeline",
+    "run_products": "pipeline", "RunResult": "pipeline", "run_search": "pipeline", "run_group": "pipeline",
+    "with_overrides": "config",
     "ProdsimError": "errors",
 }
 __all__ = sorted(_EXPORTS)

@@ -121,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     b_quality.add_argument("--json", action="store_true")
     _add_config_args(b_quality)
 
+    b_search = bench_sub.add_parser(
+        "search", help="batch search and the single-query API vs exact search (synthetic)",
+        description="On clustered synthetic vectors: batch search on Spark and the notebook API (one query at a "
+                    "time after loading) vs exact search (every product scored, numpy, on a sample of queries, "
+                    "time extrapolated): recall@k, queries/s, single-query latency.")
+    b_search.add_argument("--n", type=int, default=100_000, help="products")
+    b_search.add_argument("--queries", type=int, default=100_000, help="queries in the batch")
+    b_search.add_argument("--d", type=int, default=384, help="vector dimension")
+    b_search.add_argument("--sample", type=int, default=1000, help="queries checked against exact search")
+    b_search.add_argument("--json", action="store_true")
+    _add_config_args(b_search)
+
     b_ft = bench_sub.add_parser(
         "fine-tune", help="pretrained vs fine-tuned encoders on products the training never saw",
         description="amazon-google: two folds by connected component of the match pairs; fine-tune the text "
@@ -365,7 +377,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from prodsim_spark.session import get_session
 
     if args.bench is None:
-        raise ConfigError("say what to benchmark: prodsim bench embed|join|quality|fine-tune")
+        raise ConfigError("say what to benchmark: prodsim bench embed|join|quality|fine-tune|search")
     _benchmarks_package()
     if args.bench == "fine-tune":
         from benchmarks import datasets, finetune as bench_finetune
@@ -406,6 +418,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     config = _config_from(args)
     spark = get_session(config.spark)
+    if args.bench == "search":
+        from benchmarks import search as bench_search
+
+        result = bench_search.bench_search(spark, config, n=args.n, queries=args.queries, d=args.d, sample=args.sample)
+        print(json.dumps(result, indent=2) if args.json else result)
+        return 0
     if args.bench == "join":
         from benchmarks import join as bench_join
 
@@ -553,7 +571,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from prodsim_spark import io, report
     from prodsim_spark.progress import stage
     from prodsim_spark.session import get_session
-    from prodsim_spark.tables import CATALOG, NEIGHBOURS, RunTables
+    from prodsim_spark.tables import CATALOG, GROUPS, NEIGHBOURS, RunTables
 
     config = _config_from(args)
     if args.sample < 1:
@@ -565,8 +583,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     target = args.html or tables.report_html
     with stage(spark, "report", f"{args.sample} sampled products -> {target}"):
         pairs = io.read_pairs(spark, args.pairs, args.left_col, args.right_col) if args.pairs else None
+        groups = tables.read(spark, GROUPS) if tables.exists(spark, GROUPS) else None
         data = report.collect_report(tables.read(spark, CATALOG), tables.read(spark, NEIGHBOURS),
-                                     output=tables.output, sample=args.sample, seed=args.seed, pairs=pairs)
+                                     output=tables.output, sample=args.sample, seed=args.seed, pairs=pairs,
+                                     groups=groups)
         page = report.render_html(data)
         report.write_html(page, target)
     print(f"prodsim report: {len(data.samples)} products with their neighbours, {len(page) // 1024} KiB -> {target}")

@@ -51,11 +51,38 @@ class ReportData:
     without_neighbours: list[dict] = field(default_factory=list)  # a few rows with no list, with reasons
     recall_curve: list[tuple[int, float]] | None = None            # (k, recall@k) when pairs are given
     pairs_queries: int = 0
+    groups: list[dict] = field(default_factory=list)  # sampled groups: {group_id, size, min/max edge, members}
+    group_counts: dict = field(default_factory=dict)  # groups, of 2 or more, the largest
+
+
+GROUP_MEMBERS_SHOWN = 12
+
+
+def collect_groups(catalog: DataFrame, groups: DataFrame, *, sample: int, seed: int) -> tuple[list[dict], dict]:
+    """A deterministic sample of groups of two or more (members with their catalog fields, at most
+    GROUP_MEMBERS_SHOWN each, the representative first) and the group counts."""
+    live = groups.where(F.col("group_id").isNotNull())
+    sizes = live.groupBy("group_id").agg(F.count("*").alias("size"))
+    counts = sizes.agg(F.count("*").alias("groups"), F.sum(F.when(F.col("size") > 1, 1).otherwise(0)).alias("multi"),
+                       F.max("size").alias("largest")).first()
+    picked = [r["group_id"] for r in sizes.where("size > 1").orderBy(F.xxhash64("group_id", F.lit(seed)), "group_id")
+              .limit(sample).collect()]
+    rows = (live.where(F.col("group_id").isin(picked))
+            .join(live_catalog(catalog).select(*INFO_COLUMNS), "product_id").collect()) if picked else []
+    out = []
+    for gid in picked:
+        members = sorted((r.asDict() for r in rows if r["group_id"] == gid),
+                         key=lambda r: (r["product_id"] != r["representative"], r["product_id"]))
+        if members:
+            out.append({"group_id": gid, "size": members[0]["group_size"], "min_edge": members[0]["min_edge_score"],
+                        "max_edge": members[0]["max_edge_score"], "members": members[:GROUP_MEMBERS_SHOWN]})
+    return out, {"groups": int(counts["groups"] or 0), "of_two_or_more": int(counts["multi"] or 0),
+                 "largest": int(counts["largest"] or 0)}
 
 
 def collect_report(catalog: DataFrame, neighbours: DataFrame, *, output: str = "", sample: int = 20, seed: int = 0,
-                   pairs: DataFrame | None = None) -> ReportData:
-    """Everything the page needs, aggregated on Spark."""
+                   pairs: DataFrame | None = None, groups: DataFrame | None = None, group_sample: int = 8) -> ReportData:
+    """Everything the page needs, aggregated on Spark (``groups``: the run's groups table, when it has one)."""
     counts = neighbours_counts(neighbours)
     status = {r["status"]: r["count"] for r in neighbours.groupBy("status").count().orderBy("status").collect()}
     reasons = {r["code"]: r["count"] for r in neighbours.where(F.col("reason").isNotNull())
@@ -97,9 +124,11 @@ def collect_report(catalog: DataFrame, neighbours: DataFrame, *, output: str = "
         for k in range(1, longest + 1):
             found += firsts.get(k, 0)
             curve.append((k, found / queries if queries else 0.0))
-    log.info("[report] %d rows, %d sampled products, %d distinct products shown", counts["rows"], len(samples),
-             len(wanted))
-    return ReportData(output=output, rows=counts["rows"], with_neighbours=counts["with_neighbours"],
+    sampled_groups, group_counts = (collect_groups(catalog, groups, sample=group_sample, seed=seed)
+                                    if groups is not None else ([], {}))
+    log.info("[report] %d rows, %d sampled products, %d distinct products shown, %d groups", counts["rows"],
+             len(samples), len(wanted), len(sampled_groups))
+    return ReportData(groups=sampled_groups, group_counts=group_counts, output=output, rows=counts["rows"], with_neighbours=counts["with_neighbours"],
                       status=status, reasons=reasons, samples=samples, top1_hist=top1_hist, all_hist=all_hist,
                       hist_range=hist_range,
                       component_means={c: float(stats[c] or 0.0) for c in PARTS},
@@ -239,6 +268,7 @@ def write_html(page: str, target: str) -> None:
 def render_html(data: ReportData, *, thumb_size: int = 120) -> str:
     """The whole page as one string: inline CSS, images and plots as data URIs, no external requests."""
     uris = {it.get("image_uri") for s in data.samples for it in [s["product"], *s["neighbours"]]}
+    uris |= {m.get("image_uri") for g in data.groups for m in g["members"]}
     thumbs = {u: thumbnail(u, thumb_size) for u in sorted(u for u in uris if u)}
     figures = plots(data)
     legend = "".join(f'<span class="key"><span class="swatch" style="background:{COLOURS[c]}"></span>{c}</span>'
@@ -254,6 +284,17 @@ def render_html(data: ReportData, *, thumb_size: int = 120) -> str:
                       f"<td>{_e(r['reason'])}</td></tr>" for r in data.without_neighbours)
     figs = "".join(f'<figure><img class="plot" id="plot-{name}" src="{src}" alt="{name}"></figure>'
                    for name, src in figures.items())
+    group_rows = []
+    for g in data.groups:
+        edges = "" if g["min_edge"] is None else f' · edge scores {g["min_edge"]:.3f}–{g["max_edge"]:.3f}'
+        cards = "".join(_card(m, thumbs, '<div class="rep">representative</div>' if m["product_id"] == m["representative"]
+                              else "", "card member") for m in g["members"])
+        group_rows.append(f'<section class="group-row" data-group-id="{_e(g["group_id"])}"><div class="group-head">'
+                          f'group {_e(g["group_id"])}: {g["size"]} listings{edges}</div>'
+                          f'<div class="neighbours">{cards}</div></section>')
+    gc = data.group_counts
+    groups_html = (f'<h2>Groups ({len(data.groups)} sampled of {gc["of_two_or_more"]} with two or more listings; '
+                   f'{gc["groups"]} groups, the largest of {gc["largest"]})</h2>{"".join(group_rows)}' if gc else "")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>prodsim report: {_e(data.output)}</title>
 <style>
@@ -274,6 +315,8 @@ h1 {{ font-size: 22px; }} h2 {{ font-size: 18px; margin-top: 28px; }}
 .score {{ display: flex; align-items: center; gap: 4px; margin-top: 3px; }}
 .bar {{ display: flex; width: 90px; height: 10px; background: #eee; }}
 .seg {{ display: block; height: 100%; }}
+.group-row {{ padding: 10px 0; border-bottom: 1px solid #ddd; }}
+.group-head {{ font-weight: 600; margin-bottom: 6px; }} .rep {{ color: #4e79a7; font-weight: 600; }}
 </style></head>
 <body data-products="{len(data.samples)}">
 <h1>prodsim report</h1>
@@ -287,6 +330,7 @@ h1 {{ font-size: 22px; }} h2 {{ font-size: 18px; margin-top: 28px; }}
 <h2>Products and their neighbours ({len(data.samples)} sampled)</h2>
 <div class="legend">score bar: {legend}</div>
 {''.join(rows)}
+{groups_html}
 <h2>Reasons</h2>
 <table class="reasons"><tr><th>code</th><th>rows</th></tr>{reasons}</table>
 <h2>Rows without neighbours (first {len(data.without_neighbours)})</h2>

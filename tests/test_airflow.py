@@ -1,5 +1,5 @@
 """The Airflow DAG against real Airflow (its own venv, .venv-airflow, set up by bin/test): it imports,
-its graph is ingest -> embed -> neighbours -> evaluate, and one dag.test() run on the sample catalog
+its graph is ingest -> embed -> neighbours -> evaluate and group, and one dag.test() run on the sample catalog
 with local Spark succeeds and leaves the neighbours table."""
 import json
 import os
@@ -59,11 +59,11 @@ def airflow_home(tmp_path_factory) -> Path:
 def test_dag_imports_and_has_the_documented_graph(airflow_home):
     found = check(airflow_env(airflow_home))
     assert found["import_errors"] == {} and found["dag_ids"] == ["prodsim_daily"]
-    assert found["downstream"] == {"ingest": ["embed"], "embed": ["neighbours"], "neighbours": ["evaluate"],
-                                   "evaluate": []}
+    assert found["downstream"] == {"ingest": ["embed"], "embed": ["neighbours"], "neighbours": ["evaluate", "group"],
+                                   "evaluate": [], "group": []}
     assert set(found["operators"].values()) == {"SparkSubmitOperator"}
     assert found["applications"] == {"ingest": "ingest.py", "embed": "embed.py", "neighbours": "neighbours.py",
-                                     "evaluate": "evaluate.py"}
+                                     "evaluate": "evaluate.py", "group": "group.py"}
     # the DAG runs where prodsim_spark is not installed, so it spells out the Delta settings: the same
     # as the library's (the package matching the pinned pyspark, the Delta SQL extension and catalog)
     for task in found["downstream"]:
@@ -83,6 +83,7 @@ def test_one_dag_run_on_the_sample_catalog(spark, airflow_home, tmp_path):
     found = check(env, "--run", json.dumps({"catalog": str(SAMPLE_CATALOG),
                                             "pairs": str(ROOT / "data" / "sample" / "groups.csv")}), timeout=1800)
     assert found["state"] == "success", found
-    assert found["task_states"] == {t: "success" for t in ("ingest", "embed", "neighbours", "evaluate")}
+    assert found["task_states"] == {t: "success" for t in ("ingest", "embed", "neighbours", "evaluate", "group")}
     assert io.read_delta(spark, str(out / "neighbours")).count() == 308
+    assert io.read_delta(spark, str(out / "groups")).count() == 308
     assert io.read_delta(spark, str(out / "embeddings")).count() > 250

@@ -3,7 +3,6 @@ import csv
 import shutil
 
 import numpy as np
-import pytest
 
 from prodsim_spark import embed, io
 from prodsim_spark.config import load_config

@@ -2,7 +2,6 @@
 empty export. Each run is the `prodsim` command in its own process, on a small slice of the sample
 catalog; the reference is a clean run of the same slice."""
 import csv
-import json
 import os
 import shutil
 import signal
@@ -16,7 +15,7 @@ import pytest
 
 from prodsim_spark import cli
 from prodsim_spark.tables import CATALOG, EMBEDDINGS, NEIGHBOURS, RunTables
-from conftest import ROOT, SAMPLE_CATALOG
+from conftest import SAMPLE_CATALOG
 
 PRODSIM = str(Path(sys.executable).with_name("prodsim"))
 SETTINGS = ["--set", f"ingest.image_root={SAMPLE_CATALOG.parent}", "--set", "spark.driver_memory=2g",

@@ -115,7 +115,6 @@ def test_a_pair_with_no_shared_content_is_never_listed():
     """Grocery-like listings: a text-only 'royal gala' (no photo) and a photo-only pepper listing of the same
     price share nothing but the price; renormalised over price alone they scored 0.92 and came first."""
     d = FusionWeights()  # the default weights: text, image, lexical, brand, category, price
-    n = 4
     text = [[1, 0], None, [0.8, 0.6], None]          # gala (text only), peppers (photo only), apple (text + photo), pepper (photo only)
     image = [None, [1, 0], [0.6, 0.8], [0.9, 0.44]]
     p = products(["gala", "peppers", "apple", "pepper2"], text=text, image=image, price=[2.0, 2.0, 2.5, 9.0])

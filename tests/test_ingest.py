@@ -1,6 +1,5 @@
 """Ingest on a real local Spark session: every input format, every validation reason, Delta round trip."""
 import json
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -60,6 +60,10 @@ def test_report_renders_in_headless_chromium(sample_run, artifacts_dir, capsys):
     total = int(re.search(r'data-images-total="(\d+)"', dom).group(1))
     assert loaded == total and dom.count('class="thumb"') >= 30
     assert 'id="plot-recall"' in dom and 'id="plot-scores"' in dom
+    # a sample of the run's groups, each with its members' cards, the representative first
+    groups = re.findall(r'<section class="group-row" data-group-id="([^"]+)">', dom)
+    assert 1 <= len(groups) <= 8 and dom.count('class="rep"') == len(groups)
+    assert dom.count('class="card member"') >= 2 * len(groups)
     assert not re.search(r"\b\d\.\d{5,}", dom)  # cards show catalog prices, not raw score floats
     shot = artifacts_dir / "report.png"
     shot.unlink(missing_ok=True)

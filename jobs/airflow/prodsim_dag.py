@@ -1,6 +1,7 @@
 """Airflow DAG ``prodsim_daily``: the prodsim-spark stages as spark-submit jobs, once a day.
 
     ingest -> embed -> neighbours -> evaluate
+                                  -> group
 
 Each task is a ``SparkSubmitOperator`` running one of the thin jobs beside this folder
 (``jobs/ingest.py`` ...), so Airflow only schedules and retries; Spark does the work on the cluster
@@ -74,7 +75,7 @@ default_args = {
 
 with DAG(
     dag_id="prodsim_daily",
-    description="prodsim-spark: ingest -> embed (incremental) -> neighbours -> evaluate",
+    description="prodsim-spark: ingest -> embed (incremental) -> neighbours -> evaluate, group",
     schedule="@daily",
     start_date=datetime(2026, 1, 1),
     catchup=False,          # each run reads the latest export; missed days need no replay
@@ -103,5 +104,7 @@ with DAG(
     neighbours = spark_job("neighbours", "neighbours.py", [*output, *config_args()])
     # every task names the run folder only: the library knows the tables in it (prodsim_spark/tables.py)
     evaluate = spark_job("evaluate", "evaluate.py", [*output, "--pairs", setting("pairs"), *config_args()])
+    # duplicate groups from today's lists; ids stay stable for groups that did not change
+    group = spark_job("group", "group.py", [*output, *config_args()])
 
-    ingest >> embed >> neighbours >> evaluate
+    ingest >> embed >> neighbours >> [evaluate, group]
