@@ -20,6 +20,7 @@ w = widgets()
 w.text("output", "out/notebook", "A run's output folder")
 w.text("product_id", "", "Product to look at (empty: the first with neighbours)")
 w.text("query", "golden delicious apple", "A shopper's query, for the search cell")
+w.text("set", "", "KEY=VALUE overrides the run was made with, separated by ';' (e.g. a fine-tuned embed.text.model)")
 
 # COMMAND ----------
 
@@ -30,7 +31,9 @@ from prodsim_spark.config import load_config
 from prodsim_spark.session import get_session
 from prodsim_spark.tables import CATALOG, NEIGHBOURS, RunTables
 
-config = load_config()  # the run's config: the same file(s) and --set values the run was made with
+# the run's config: the search cell must embed queries as the run embedded its products (the index
+# refuses another encoder, naming both)
+config = load_config(overrides=[item.strip() for item in w.get("set").split(";") if item.strip()])
 spark = get_session(config.spark)
 tables = RunTables.at(w.get("output"))  # the run's folder and table paths (local paths made absolute)
 catalog = tables.read(spark, CATALOG)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from prodsim_spark import io
+from prodsim_spark import finetune, io
 from prodsim_spark.session import submit_arguments
 from conftest import ROOT, SAMPLE_CATALOG
 
@@ -33,8 +33,10 @@ def test_spark_submit_pipeline_job_on_the_sample_catalog(spark, tmp_path):
 def test_notebooks_run_as_scripts(spark, tmp_path):
     env = {**ENV, "PRODSIM_OUTPUT": str(tmp_path / "nb"), "PRODSIM_CATALOG": str(SAMPLE_CATALOG),
            "PRODSIM_PAIRS": str(ROOT / "data" / "sample" / "groups.csv")}
-    for notebook in ("end_to_end.py", "explore.py"):
-        done = subprocess.run([sys.executable, str(ROOT / "notebooks" / notebook)], cwd=ROOT, env=env,
+    # end_to_end fine-tunes the text encoder into <output>/models/text; explore is told, as a user would be
+    tuned = ";".join(finetune.overrides("text", str(tmp_path / "nb" / "models" / "text")))
+    for notebook, extra in (("end_to_end.py", {}), ("explore.py", {"PRODSIM_SET": tuned})):
+        done = subprocess.run([sys.executable, str(ROOT / "notebooks" / notebook)], cwd=ROOT, env={**env, **extra},
                               capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"{notebook}: {done.stderr[-3000:]}"
     assert io.read_delta(spark, str(tmp_path / "nb" / "neighbours")).count() == 308
