@@ -5,7 +5,9 @@ never saw, in one run.
   matched to it, is in one fold only). For each fold: fine-tune the text encoder on that fold's pairs
   (hard negatives from the pretrained run's neighbour lists), embed the whole pooled catalog with it,
   and measure with the *other* fold's products as queries, over the whole catalog. Content only
-  (``join.same_source_penalty=0``) and the default; the TF-IDF baseline on the same queries.
+  (``join.same_source_penalty=0``) and the default; the TF-IDF baseline on the same queries; and, for
+  pretrained and fine-tuned alike, the weights and penalty fitted (``fit-weights``) on the training
+  fold's pairs, as a user with those labels would do next.
 * grocery: the train split's listings (the products the shop knows) and the val split's (new photos
   of them) in one catalog; fine-tune the image encoder (and, with ``--modalities text,image``, the text
   encoder) on the train listings' groups, measure with the val listings as queries: image alone, text
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from pyspark.sql import functions as F
 
-from prodsim_spark import evaluate, finetune, groups, io, join
+from prodsim_spark import evaluate, finetune, groups, io, join, weights
 from prodsim_spark.config import FusionWeights, ProdsimConfig, with_overrides
 from prodsim_spark.pipeline import RunResult, run_embed, run_ingest, run_join, run_products
 from prodsim_spark.tables import CATALOG, NEIGHBOURS, RunTables
@@ -74,6 +76,7 @@ def bench_amazon_google(spark, config: ProdsimConfig, data: Path, work: Path) ->
     cutoffs = config.evaluate.cutoffs
     content_only = config.join.replaced(same_source_penalty=0.0)
     base_products = run_products(spark, pretrained.output, config)
+    base_lists = evaluate.ablations(base_products, config)  # candidates (hard negatives) for the weight fits
     folds, trainings = [], []
     for fold in (0, 1):
         in_fold = fold_of.where(F.col("fold") == fold).select("product_id")
@@ -98,10 +101,26 @@ def bench_amazon_google(spark, config: ProdsimConfig, data: Path, work: Path) ->
             "pretrained, default": _measure(base_products, config.join, pairs, queries, cutoffs),
             "fine-tuned, default": _measure(tuned_products, config.join, pairs, queries, cutoffs),
         }
+        # what a user with these labels does next: fit the weights (and penalty) on the training fold's
+        # pairs; a fine-tuned dense channel deserves a weight the pretrained one did not
+        tuned_lists = evaluate.ablations(tuned_products, config)
+        for label, products, lists in (("pretrained", base_products, base_lists),
+                                       ("fine-tuned", tuned_products, tuned_lists)):
+            fit = weights.fit_on_lists(products, lists, train_pairs, config)
+            fitted = config.join.replaced(weights=fit["weights"], same_source_penalty=fit["same_source_penalty"])
+            methods[f"{label}, fitted weights, content only"] = _measure(
+                products, fitted.replaced(same_source_penalty=0.0), pairs, queries, cutoffs)
+            methods[f"{label}, fitted weights and penalty"] = _measure(products, fitted, pairs, queries, cutoffs)
+            trainings[-1][f"{label} fitted weights"] = {"weights": fit["weights"],
+                                                        "same_source_penalty": fit["same_source_penalty"]}
+        for df in tuned_lists.values():
+            df.unpersist()
         tuned_products.unpersist()
         for name, m in methods.items():
             log.info("[bench fine-tune] fold %d %s: %s", fold, name, m)
         folds.append(methods)
+    for df in base_lists.values():
+        df.unpersist()
     base_products.unpersist()
     return {"dataset": "amazon-google", "k": config.join.k, "methods": _median(folds), "folds": folds,
             "training": trainings}
@@ -129,14 +148,25 @@ def bench_grocery(spark, config: ProdsimConfig, data: Path, work: Path, modaliti
     tuned_config = with_overrides(config, overrides)
     tuned = _run(spark, catalog_csv, work / "tuned", tuned_config, neighbours=False)
     cutoffs = config.evaluate.cutoffs
-    methods = {}
+    train_pairs = io.read_pairs(spark, str(train_groups)).persist()
+    methods, fitted = {}, {}
     for label, products in (("pretrained", run_products(spark, pretrained.output, config)),
                             ("fine-tuned", run_products(spark, tuned.output, tuned_config))):
-        for name, weights in (("image alone", FusionWeights.only(image=1.0)), ("text alone", FusionWeights.only(text=1.0)),
+        for name, component_weights in (("image alone", FusionWeights.only(image=1.0)), ("text alone", FusionWeights.only(text=1.0)),
                               ("fused", config.join.weights)):
-            methods[f"{label} {name}"] = _measure(products, config.join.replaced(weights=weights), pairs, queries,
+            methods[f"{label} {name}"] = _measure(products, config.join.replaced(weights=component_weights), pairs, queries,
                                                   cutoffs)
             log.info("[bench fine-tune] %s %s: %s", label, name, methods[f"{label} {name}"])
+        # the weights fitted on the train listings' pairs (the val listings' labels are never seen)
+        lists = evaluate.ablations(products, config)
+        fit = weights.fit_on_lists(products, lists, train_pairs, config)
+        methods[f"{label} fused, fitted weights"] = _measure(products, config.join.replaced(weights=fit["weights"]),
+                                                             pairs, queries, cutoffs)
+        fitted[label] = fit["weights"]
+        log.info("[bench fine-tune] %s fused, fitted weights %s: %s", label, fit["weights"],
+                 methods[f"{label} fused, fitted weights"])
+        for df in lists.values():
+            df.unpersist()
         products.unpersist()
-    return {"dataset": "grocery", "k": config.join.k, "queries": len(val_ids), "modalities": list(modalities),
+    return {"dataset": "grocery", "fitted_weights": fitted, "k": config.join.k, "queries": len(val_ids), "modalities": list(modalities),
             "methods": methods, "training": trainings}
