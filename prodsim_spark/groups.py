@@ -50,6 +50,18 @@ CLUSTERED = T.StructType([T.StructField("product_id", T.StringType()), T.StructF
                           T.StructField("group_size", T.IntegerType()), T.StructField("representative", T.StringType())])
 
 
+def checkpoint(df: DataFrame) -> DataFrame:
+    """``df`` materialised with its plan cut (a local checkpoint), re-wrapped so that its size estimate
+    starts afresh. Why: a checkpoint keeps the estimate of the plan it replaces, and a join multiplies
+    its sides' estimates, so in an iterative loop of joins the estimate squares every iteration; after a
+    few dozen iterations Spark spent minutes multiplying numbers of millions of digits before each job."""
+    cut = df.localCheckpoint(eager=True)
+    jvm = getattr(cut, "_jdf", None)
+    if jvm is None:  # Spark Connect: no JVM handle here; the server's own plan cache applies
+        return cut
+    return DataFrame(cut.sparkSession._jsparkSession.createDataFrame(jvm.javaRDD(), jvm.schema()), cut.sparkSession)
+
+
 def edges(neighbours: DataFrame, threshold: float, *, mutual: bool = False) -> DataFrame:
     """(src, dst, score): undirected pairs (src < dst) that a neighbour list links with a score of at least
     ``threshold`` (the higher score when both lists have the pair); with ``mutual``, only pairs that
@@ -68,15 +80,15 @@ def connected_components(nodes: DataFrame, edges: DataFrame, *, max_iterations: 
     jumps to its label's label (so a chain of n nodes needs about log n iterations, not n), and is
     checkpointed, so the plan does not grow with the iterations."""
     both = edges.select("src", "dst").unionByName(edges.select(F.col("dst").alias("src"), F.col("src").alias("dst")))
-    both = both.localCheckpoint(eager=True)
-    labels = nodes.select("product_id", F.col("product_id").alias("label")).localCheckpoint(eager=True)
+    both = checkpoint(both)
+    labels = checkpoint(nodes.select("product_id", F.col("product_id").alias("label")))
     for iteration in range(1, max_iterations + 1):
         offered = both.join(labels.withColumnRenamed("product_id", "dst"), "dst") \
             .select(F.col("src").alias("product_id"), "label")
         lowest = labels.unionByName(offered).groupBy("product_id").agg(F.min("label").alias("label"))
         jumped = (lowest.join(lowest.select(F.col("product_id").alias("label"), F.col("label").alias("via")), "label", "left")
                   .select("product_id", F.least("label", F.coalesce("via", "label")).alias("label")))
-        jumped = jumped.localCheckpoint(eager=True)
+        jumped = checkpoint(jumped)
         changed = jumped.join(labels.withColumnRenamed("label", "before"), "product_id") \
             .where(F.col("label") != F.col("before")).limit(1).count()
         labels = jumped
@@ -105,7 +117,7 @@ def split_oversized(components: DataFrame, edge_table: DataFrame, settings: Grou
                   .join(members.select(F.col("product_id").alias("dst"), F.col("part").alias("dst_part")), "dst")
                   .where(F.col("part") == F.col("dst_part")).select("src", "dst"))
         again = connected_components(members.select("product_id"), inside).withColumnRenamed("component", "part")
-        parts = parts.join(big, "part", "left_anti").unionByName(again).localCheckpoint(eager=True)
+        parts = checkpoint(parts.join(big, "part", "left_anti").unionByName(again))
         big = parts.groupBy("part").count().where(F.col("count") > settings.max_size).select("part")
         log.info("[group] chaining guard: split oversized components at threshold %.2f", threshold)
     if big.limit(1).count():  # at 1.0 every edge below a perfect score is gone: cannot happen but for ties
@@ -162,7 +174,7 @@ def find_groups(products: DataFrame, neighbours: DataFrame, settings: GroupSetti
     products = join.standard_columns(products)
     shape = join.input_shape(products)
     penalty = join_settings.same_source_penalty if shape.several_sources else 0.0
-    edge_table = edges(neighbours, settings.threshold, mutual=settings.mutual).localCheckpoint(eager=True)
+    edge_table = checkpoint(edges(neighbours, settings.threshold, mutual=settings.mutual))
     components = connected_components(products.select("product_id"), edge_table)
     parts, split = split_oversized(components, edge_table, settings)
     linkage = Linkage(shape.dims, join_settings, settings.threshold, penalty)
@@ -178,7 +190,7 @@ def find_groups(products: DataFrame, neighbours: DataFrame, settings: GroupSetti
         members = products.join(parts.where(F.col("size") > 2).drop("size"), "product_id")
         linked = members.groupBy("part").applyInPandas(lambda pdf: average_linkage(pdf, linkage), CLUSTERED)
         grouped = small.unionByName(linked)
-    grouped = grouped.localCheckpoint(eager=True)
+    grouped = checkpoint(grouped)
     row = grouped.agg(F.countDistinct("group_id").alias("groups"), F.max("group_size").alias("largest")).first()
     counts = {"components": components.select("component").distinct().count(), "components_split": split,
               "groups": int(row["groups"] or 0), "largest_group": int(row["largest"] or 0)}

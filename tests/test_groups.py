@@ -33,6 +33,19 @@ def test_connected_components_label_every_node_with_its_lowest_member(spark):
     assert got["x"] == got["y"] == "x" and got["z"] == "z"
 
 
+
+def test_iterations_do_not_compound_the_planners_size_estimate(spark):
+    """A plain checkpoint keeps the estimate of the plan it cut, and each join multiplies estimates: after
+    twenty iterations Spark spent minutes on numbers of a million digits before every job (a grocery
+    threshold sweep hung). The stage's checkpoint starts each estimate afresh."""
+    labels = groups.checkpoint(spark.range(100).selectExpr("cast(id as string) as product_id", "cast(id as string) as label"))
+    for _ in range(12):  # with a plain checkpoint: an estimate of ~30,000 digits
+        other = labels.withColumnRenamed("product_id", "via_id").withColumnRenamed("label", "via")
+        labels = groups.checkpoint(labels.join(other, labels["label"] == other["via_id"], "left")
+                                   .selectExpr("product_id", "least(label, coalesce(via, label)) as label"))
+    estimate = labels._jdf.queryExecution().optimizedPlan().stats().sizeInBytes()
+    assert len(str(estimate)) < 30 and labels.count() == 100
+
 def test_the_chaining_guard_splits_a_long_chain_at_a_higher_threshold(spark):
     # a chain a0 - a1 - ... - a9 whose every third link is weak: one component of 10 at 0.7
     lists = {f"a{i}": [(f"a{i + 1}", 0.75 if i % 3 == 2 else 0.95)] for i in range(9)}
