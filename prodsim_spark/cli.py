@@ -641,7 +641,8 @@ def cmd_fine_tune(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(f"prodsim fine-tune: {args.modality} model -> {result['model_dir']} (loss per epoch "
-              f"{result['loss_per_epoch']}, {result['train_s']:.0f} s; {result['ids_not_found']} labelled ids not found)")
+              f"{result['loss_per_epoch']}, {result['train_s']:.0f} s; {result['ids_not_found']} labelled ids "
+              f"{'not in the catalog' if args.modality == 'text' else 'without a photo in the catalog'})")
         print("use it with: " + " ".join(f"--set {item}" for item in result["set"]))
     return 0
 

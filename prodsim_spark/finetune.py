@@ -153,7 +153,8 @@ def fine_tune(spark, modality: str, rows: DataFrame, not_found: int, config: Pro
         train_settings = {**settings.image.model_dump(), **common}
         function, args = training.train_image, (records, image.model_dump_json(), model_out, train_settings)
         data = {"photos": len(records), "groups": len({r["group"] for r in records})}
-    log.info("[fine-tune] %s: %s (%d labelled ids not found), %d process(es) on %s", modality, data, not_found,
+    missing = "not in the catalog" if modality == "text" else "without a photo in the catalog"
+    log.info("[fine-tune] %s: %s (%d labelled ids %s), %d process(es) on %s", modality, data, not_found, missing,
              settings.num_processes, common["device"])
     distributor = TorchDistributor(num_processes=settings.num_processes, local_mode=settings.local_mode,
                                    use_gpu=use_gpu)

@@ -68,6 +68,15 @@ def _schedule(optimiser, steps: int, warmup_share: float = 0.1):
         optimiser, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (steps - s) / max(1, steps - warmup)))
 
 
+def _step(optimiser, scheduler, loss) -> float:
+    """One optimiser step on ``loss``; returns the loss as a number."""
+    optimiser.zero_grad()
+    loss.backward()
+    optimiser.step()
+    scheduler.step()
+    return float(loss.detach())
+
+
 def _epoch_batches(n: int, size: int, rank: int, world: int, seed: int, epoch: int) -> list:
     """This rank's batches of one epoch: a seeded permutation cut into world x size steps, so every
     rank runs the same number of steps (DDP needs them in lockstep); the tail is left to the next epoch's
@@ -167,11 +176,7 @@ def train_text(records: list[dict], base_folder: str, model_out: str, settings: 
                 target = torch.arange(len(batch), device=device)
                 loss = (torch.nn.functional.cross_entropy(scale * anchors[:len(batch)] @ positives.T, target)
                         + torch.nn.functional.cross_entropy(scale * positives[:len(batch)] @ anchors.T, target)) / 2
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                scheduler.step()
-                total, seen = total + float(loss.detach()), seen + len(batch)
+                total, seen = total + _step(optimiser, scheduler, loss), seen + len(batch)
             losses.append(round(total / max(1, len(batches)), 4))
             if rank == 0:
                 print(f"[fine-tune] text epoch {epoch + 1}/{settings['epochs']}: loss {losses[-1]:.4f}, "
@@ -320,11 +325,7 @@ def train_image(records: list[dict], image_settings_json: str, model_out: str, s
                 if not bool(has.any()):
                     continue
                 loss = per_row[has].mean()
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                scheduler.step()
-                total, seen = total + float(loss.detach()), seen + len(rows)
+                total, seen = total + _step(optimiser, scheduler, loss), seen + len(rows)
             losses.append(round(total / max(1, len(batches)), 4))
             if rank == 0 and ((epoch + 1) % 5 == 0 or epoch + 1 == settings["epochs"]):
                 print(f"[fine-tune] image epoch {epoch + 1}/{settings['epochs']}: loss {losses[-1]:.4f}", flush=True)
