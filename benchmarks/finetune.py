@@ -77,6 +77,7 @@ def bench_amazon_google(spark, config: ProdsimConfig, data: Path, work: Path) ->
     content_only = config.join.replaced(same_source_penalty=0.0)
     base_products = run_products(spark, pretrained.output, config)
     base_lists = evaluate.ablations(base_products, config)  # candidates (hard negatives) for the weight fits
+    tfidf_lists = baselines.tfidf_baseline(catalog, config).persist()  # one catalog: the same lists in both folds
     folds, trainings = [], []
     for fold in (0, 1):
         in_fold = fold_of.where(F.col("fold") == fold).select("product_id")
@@ -90,8 +91,7 @@ def bench_amazon_google(spark, config: ProdsimConfig, data: Path, work: Path) ->
         tuned = _run(spark, catalog_csv, work / f"tuned-fold{fold}", tuned_config, neighbours=False)
         tuned_products = run_products(spark, tuned.output, tuned_config)
         methods = {
-            "tf-idf baseline": evaluate.metrics(baselines.tfidf_baseline(catalog, config), pairs, queries,
-                                                cutoffs=cutoffs),
+            "tf-idf baseline": evaluate.metrics(tfidf_lists, pairs, queries, cutoffs=cutoffs),
             "pretrained, content only": _measure(base_products, content_only, pairs, queries, cutoffs),
             "fine-tuned, content only": _measure(tuned_products, content_only, pairs, queries, cutoffs),
             "pretrained text alone, content only": _measure(
@@ -119,7 +119,7 @@ def bench_amazon_google(spark, config: ProdsimConfig, data: Path, work: Path) ->
         for name, m in methods.items():
             log.info("[bench fine-tune] fold %d %s: %s", fold, name, m)
         folds.append(methods)
-    for df in base_lists.values():
+    for df in [*base_lists.values(), tfidf_lists]:
         df.unpersist()
     base_products.unpersist()
     return {"dataset": "amazon-google", "k": config.join.k, "methods": _median(folds), "folds": folds,

@@ -16,20 +16,24 @@ log = logging.getLogger(__name__)
 CHUNK = 10_000
 
 
-def clustered_vectors(start: int, end: int, d: int, seed: int, n_total: int) -> np.ndarray:
-    """Rows [start, end) of a clustered synthetic set of unit vectors, the same whoever computes them
-    (the driver for exact search, Spark tasks for ours): rows come in seeded chunks of CHUNK.
+def clustered_vectors(start: int, end: int, d: int, seed: int, n_total: int, *, rows: int | None = None,
+                      stream: tuple[int, ...] = ()) -> np.ndarray:
+    """Rows [start, end) of a clustered synthetic set of ``rows`` (default ``n_total``) unit vectors, the
+    same whoever computes them (the driver for exact search, Spark tasks for ours): rows come in seeded
+    chunks of CHUNK.
 
-    About n/100 clusters (catalog-like: groups of near-duplicates and variants); noise such that a
-    point's cosine to its own centre is about 0.7."""
+    About n_total/100 clusters (catalog-like: groups of near-duplicates and variants); noise such that a
+    point's cosine to its own centre is about 0.7. Another ``stream`` draws other points of the same
+    clusters (the search bench's queries)."""
     clusters = max(10, n_total // 100)
+    rows = n_total if rows is None else rows
     centres = np.random.default_rng(seed).normal(size=(clusters, d)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     out = []
     for chunk in range(start // CHUNK, (end - 1) // CHUNK + 1):
-        rng = np.random.default_rng([seed, chunk])
+        rng = np.random.default_rng([seed, *stream, chunk])
         lo = chunk * CHUNK
-        hi = min(lo + CHUNK, n_total)
+        hi = min(lo + CHUNK, rows)
         which = rng.integers(clusters, size=hi - lo)
         x = centres[which] + rng.normal(scale=1.0 / np.sqrt(d), size=(hi - lo, d)).astype(np.float32)
         out.append(x[max(start, lo) - lo:min(end, hi) - lo])
@@ -37,10 +41,11 @@ def clustered_vectors(start: int, end: int, d: int, seed: int, n_total: int) -> 
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def synthetic_products(spark, n: int, d: int, seed: int = 7):
-    """A DataFrame of n products with synthetic text embeddings, generated inside Spark tasks."""
-    parts = max(1, min(n // CHUNK + 1, spark.sparkContext.defaultParallelism * 4))
-    bounds = np.linspace(0, n, parts + 1).astype(int)
+def synthetic_frame(spark, rows: int, id_column: str, prefix: str, vectors):
+    """A DataFrame (``id_column``, text_embedding) of ``rows`` synthetic rows, generated inside Spark
+    tasks: ``vectors(lo, hi)`` gives rows [lo, hi), ids are ``prefix`` + the row number."""
+    parts = max(1, min(rows // CHUNK + 1, spark.sparkContext.defaultParallelism * 4))
+    bounds = np.linspace(0, rows, parts + 1).astype(int)
 
     def gen(batches):
         import pandas as pd
@@ -49,12 +54,16 @@ def synthetic_products(spark, n: int, d: int, seed: int = 7):
             for part in pdf["id"]:
                 lo, hi = int(bounds[part]), int(bounds[part + 1])
                 if hi > lo:
-                    x = clustered_vectors(lo, hi, d, seed, n)
-                    yield pd.DataFrame({"product_id": [f"p{i:07d}" for i in range(lo, hi)],
-                                        "text_embedding": list(x)})
+                    yield pd.DataFrame({id_column: [f"{prefix}{i:07d}" for i in range(lo, hi)],
+                                        "text_embedding": list(vectors(lo, hi))})
 
     return (spark.range(parts).repartition(parts)
-            .mapInPandas(gen, "product_id string, text_embedding array<float>"))
+            .mapInPandas(gen, f"{id_column} string, text_embedding array<float>"))
+
+
+def synthetic_products(spark, n: int, d: int, seed: int = 7):
+    """A DataFrame of n products with synthetic text embeddings (:func:`clustered_vectors`)."""
+    return synthetic_frame(spark, n, "product_id", "p", lambda lo, hi: clustered_vectors(lo, hi, d, seed, n))
 
 
 def exact_top_k(x: np.ndarray, query_rows: np.ndarray, k: int, block: int = 512) -> np.ndarray:

@@ -21,43 +21,30 @@ from prodsim_spark.config import FusionWeights, ProdsimConfig
 from prodsim_spark.index import build_index
 from prodsim_spark.search import Searcher, search_products
 
-from benchmarks.join import CHUNK, clustered_vectors, synthetic_products
+from benchmarks.join import clustered_vectors, synthetic_frame, synthetic_products
 
 log = logging.getLogger(__name__)
 
 
-def query_vectors(start: int, end: int, d: int, seed: int, n_products: int) -> np.ndarray:
-    """Queries [start, end): points of the products' clusters (``clustered_vectors(..., n_products)``'s
-    centres) with fresh noise, the same whoever computes them (seeded chunks, as the products)."""
-    clusters = max(10, n_products // 100)
-    centres = np.random.default_rng(seed).normal(size=(clusters, d)).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    out = []
-    for chunk in range(start // CHUNK, (end - 1) // CHUNK + 1):
-        rng = np.random.default_rng([seed, 1, chunk])
-        lo, hi = chunk * CHUNK, chunk * CHUNK + CHUNK
-        x = centres[rng.integers(clusters, size=CHUNK)] + rng.normal(scale=1.0 / np.sqrt(d), size=(CHUNK, d)).astype(np.float32)
-        out.append(x[max(start, lo) - lo:min(end, hi) - lo])
-    x = np.concatenate(out)
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+QUERY_STREAM = (1,)  # queries: other points of the products' clusters
+
+
+def query_vectors(start: int, end: int, d: int, seed: int, n_products: int, queries: int) -> np.ndarray:
+    """Queries [start, end) of ``queries``: points of the products' clusters with fresh noise."""
+    return clustered_vectors(start, end, d, seed, n_products, rows=queries, stream=QUERY_STREAM)
 
 
 def synthetic_queries(spark, n_products: int, queries: int, d: int, seed: int = 7):
     """A DataFrame of Q query vectors (:func:`query_vectors`), generated inside Spark tasks."""
-    parts = max(1, min(queries // CHUNK + 1, spark.sparkContext.defaultParallelism * 4))
-    bounds = np.linspace(0, queries, parts + 1).astype(int)
+    return synthetic_frame(spark, queries, "query_id", "q",
+                           lambda lo, hi: query_vectors(lo, hi, d, seed, n_products, queries))
 
-    def gen(batches):
-        import pandas as pd
 
-        for pdf in batches:
-            for part in pdf["id"]:
-                lo, hi = int(bounds[part]), int(bounds[part + 1])
-                if hi > lo:
-                    x = query_vectors(lo, hi, d, seed, n_products)
-                    yield pd.DataFrame({"query_id": [f"q{i:07d}" for i in range(lo, hi)], "text_embedding": list(x)})
-
-    return spark.range(parts).repartition(parts).mapInPandas(gen, "query_id string, text_embedding array<float>")
+def text_products(ids: np.ndarray, x: np.ndarray) -> fusion.Products:
+    """Products with a text vector only (no brand, category, price or source)."""
+    n = len(ids)
+    return fusion.Products(ids, {"text": x}, {"text": np.ones(n, bool)}, np.full(n, -1), np.full(n, -1),
+                           np.full(n, np.nan), np.full(n, -1))
 
 
 def exact_search(x: np.ndarray, queries: np.ndarray, k: int, block: int = 256) -> np.ndarray:
@@ -87,7 +74,7 @@ def bench_search(spark, config: ProdsimConfig, *, n: int = 100_000, queries: int
     tuned = config.model_copy(update={"join": settings})
     index = build_index(cells.centroids, None, cells.shape.dims, tuned, "synthetic", None)
 
-    x, q = clustered_vectors(0, n, d, 7, n), query_vectors(0, queries, d, 7, n)  # what the Spark tasks make
+    x, q = clustered_vectors(0, n, d, 7, n), query_vectors(0, queries, d, 7, n, queries)  # what the Spark tasks make
     rows = np.sort(np.random.default_rng(3).choice(queries, size=min(sample, queries), replace=False))
     started = time.perf_counter()
     exact = exact_search(x, q[rows], k)
@@ -106,15 +93,13 @@ def bench_search(spark, config: ProdsimConfig, *, n: int = 100_000, queries: int
     found.unpersist()
 
     # the notebook API: load once (here: the synthetic products, already in memory), then one query at a time
-    p = fusion.Products(np.array([f"p{i:07d}" for i in range(n)], dtype=object), {"text": x}, {"text": np.ones(n, bool)},
-                        np.full(n, -1), np.full(n, -1), np.full(n, np.nan), np.full(n, -1))
+    p = text_products(np.array([f"p{i:07d}" for i in range(n)], dtype=object), x)
     started = time.perf_counter()
     searcher = Searcher(index, p, {}, {}, tuned)
     load_s = time.perf_counter() - started
     latencies, single_hits = [], 0
     for i, row in enumerate(rows[:single]):
-        one = fusion.Products(np.array(["q"], dtype=object), {"text": q[row][None, :]}, {"text": np.ones(1, bool)},
-                              np.full(1, -1), np.full(1, -1), np.full(1, np.nan), np.full(1, -1))
+        one = text_products(np.array(["q"], dtype=object), q[row][None, :])
         started = time.perf_counter()
         answer = searcher.search_vectors(one, k=k)
         latencies.append((time.perf_counter() - started) * 1000)

@@ -642,7 +642,7 @@ def cmd_fine_tune(args: argparse.Namespace) -> int:
     else:
         print(f"prodsim fine-tune: {args.modality} model -> {result['model_dir']} (loss per epoch "
               f"{result['loss_per_epoch']}, {result['train_s']:.0f} s; {result['ids_not_found']} labelled ids "
-              f"{'not in the catalog' if args.modality == 'text' else 'without a photo in the catalog'})")
+              f"{finetune.missing_ids(args.modality)})")
         print("use it with: " + " ".join(f"--set {item}" for item in result["set"]))
     return 0
 

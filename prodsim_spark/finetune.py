@@ -107,6 +107,11 @@ def image_training_rows(catalog: DataFrame, groups: DataFrame) -> tuple[DataFram
     return rows.join(sizes, "group").select("product_id", "uri", "group").orderBy("product_id"), not_found
 
 
+def missing_ids(modality: str) -> str:
+    """What ``ids_not_found`` counts, in words: labelled ids the training could not use."""
+    return "not in the catalog" if modality == "text" else "without a photo in the catalog"
+
+
 def overrides(modality: str, model_dir: str) -> list[str]:
     """The ``--set`` overrides that make ``prodsim run``/``embed`` use a fine-tuned model folder."""
     if modality == "text":
@@ -153,8 +158,8 @@ def fine_tune(spark, modality: str, rows: DataFrame, not_found: int, config: Pro
         train_settings = {**settings.image.model_dump(), **common}
         function, args = training.train_image, (records, image.model_dump_json(), model_out, train_settings)
         data = {"photos": len(records), "groups": len({r["group"] for r in records})}
-    missing = "not in the catalog" if modality == "text" else "without a photo in the catalog"
-    log.info("[fine-tune] %s: %s (%d labelled ids %s), %d process(es) on %s", modality, data, not_found, missing,
+    log.info("[fine-tune] %s: %s (%d labelled ids %s), %d process(es) on %s", modality, data, not_found,
+             missing_ids(modality),
              settings.num_processes, common["device"])
     distributor = TorchDistributor(num_processes=settings.num_processes, local_mode=settings.local_mode,
                                    use_gpu=use_gpu)

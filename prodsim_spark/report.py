@@ -128,7 +128,8 @@ def collect_report(catalog: DataFrame, neighbours: DataFrame, *, output: str = "
                                     if groups is not None else ([], {}))
     log.info("[report] %d rows, %d sampled products, %d distinct products shown, %d groups", counts["rows"],
              len(samples), len(wanted), len(sampled_groups))
-    return ReportData(groups=sampled_groups, group_counts=group_counts, output=output, rows=counts["rows"], with_neighbours=counts["with_neighbours"],
+    return ReportData(output=output, rows=counts["rows"], with_neighbours=counts["with_neighbours"],
+                      groups=sampled_groups, group_counts=group_counts,
                       status=status, reasons=reasons, samples=samples, top1_hist=top1_hist, all_hist=all_hist,
                       hist_range=hist_range,
                       component_means={c: float(stats[c] or 0.0) for c in PARTS},
