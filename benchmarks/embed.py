@@ -1,4 +1,7 @@
-"""``prodsim bench embed``: the Spark embedding stage vs the bare encoder in one process."""
+"""``prodsim bench embed``: the Spark embedding stage vs the bare encoder in one process, and the CPU
+runtimes (``embed.*.runtime``): each one's Spark rows/s on the same rows, in the same run, and what it
+costs in quality (text: R@10 on Amazon-Google, text alone; images: image-alone R@1 on grocery
+listings' photos), exact search so that only the vectors differ."""
 from __future__ import annotations
 
 import csv
@@ -7,6 +10,8 @@ import os
 import statistics
 import time
 from pathlib import Path
+
+import numpy as np
 
 from prodsim_spark.config import ProdsimConfig
 from prodsim_spark.pipeline import torch_threads
@@ -70,7 +75,7 @@ def bench_embed(spark, config: ProdsimConfig, *, rows: int = 2000, image_rows: i
         df.count()
         spark_times, bare_times = [], []
         for _ in range(repeats):
-            spark_times.append(_time(lambda: df.select(udf("x")).write.format("noop").mode("overwrite").save()))
+            spark_times.append(_spark_time(df, udf))
             torch.set_num_threads(cores)
             bare_times.append(_time(bare_fn))
         df.unpersist()
@@ -96,3 +101,116 @@ def bench_embed(spark, config: ProdsimConfig, *, rows: int = 2000, image_rows: i
         results["image"] = run("image", items, embed.image_embedding_udf(settings, threads),
                                lambda: bare_img.encode_uris(items, settings.batch_size, settings.decode_threads))
     return results
+
+
+def _spark_time(df, udf) -> float:
+    return _time(lambda: df.select(udf("x")).write.format("noop").mode("overwrite").save())
+
+
+TEXT_RUNTIMES = ("torch", "onnx", "onnx-int8")
+IMAGE_RUNTIMES = ("torch", "onnx")
+
+
+def bench_runtimes(spark, config: ProdsimConfig, *, rows: int = 2000, image_rows: int = 400, repeats: int = 3,
+                   amazon_google: Path | None = None, grocery: Path | None = None, work: Path | None = None,
+                   catalog: Path | None = None) -> dict:
+    """Per runtime: Spark stage rows/s (median of ``repeats``, after a warm-up run that loads the
+    model and exports it) on the rows :func:`bench_embed` uses, and the quality figures (None when the
+    dataset folder is not given)."""
+    from prodsim_spark import embed
+
+    texts, images = _sample_inputs(catalog or SAMPLE_CATALOG)
+    threads = torch_threads(spark, config)
+    parallelism = spark.sparkContext.defaultParallelism
+    out: dict = {}
+
+    def frame(items):
+        df = spark.createDataFrame([(x,) for x in items], "x string").repartition(parallelism).cache()
+        df.count()
+        return df
+
+    jobs = []
+    if config.embed.text.enabled and rows:
+        jobs.append(("text", TEXT_RUNTIMES, frame(_cycle(texts, rows)), embed.text_embedding_udf))
+    if config.embed.image.enabled and image_rows:
+        jobs.append(("image", IMAGE_RUNTIMES, frame([i.split(" #")[0] for i in _cycle(images, image_rows)]),
+                     embed.image_embedding_udf))
+    for modality, names, df, make_udf in jobs:
+        n = df.count()
+        for name in names:
+            settings = _with_runtime(config, modality, name).embed
+            udf = make_udf(settings, threads)
+            _spark_time(df, udf)  # warm-up: workers load (and export) the model
+            seconds = statistics.median(_spark_time(df, udf) for _ in range(repeats))
+            out.setdefault(name, {})[f"{modality}_rows_per_s"] = round(n / seconds, 1)
+            log.info("[bench embed] %s runtime %s: %.1f rows/s", modality, name, n / seconds)
+        df.unpersist()
+    for name in out:
+        if "text_rows_per_s" in out[name] and amazon_google is not None:
+            out[name]["text_r10_amazon_google"] = amazon_google_text_recall(
+                spark, _with_runtime(config, "text", name), amazon_google, 10)
+        if "image_rows_per_s" in out[name] and grocery is not None:
+            out[name]["image_r1_grocery"] = grocery_image_recall_at_1(
+                _with_runtime(config, "image", name), grocery, work or Path("out/bench-embed"))
+    base = out.get("torch", {})
+    for figures in out.values():  # ratios and losses against torch, measured in this run
+        for modality in ("text", "image"):
+            if f"{modality}_rows_per_s" in figures:
+                figures[f"{modality}_speedup"] = round(figures[f"{modality}_rows_per_s"] / base[f"{modality}_rows_per_s"], 2)
+        for key, loss in (("text_r10_amazon_google", "text_r10_loss"), ("image_r1_grocery", "image_r1_loss")):
+            if key in figures:
+                figures[loss] = round(base[key] - figures[key], 4)
+    return out
+
+
+def _with_runtime(config: ProdsimConfig, modality: str, runtime: str) -> ProdsimConfig:
+    encoder = getattr(config.embed, modality).model_copy(update={"runtime": runtime})
+    return config.model_copy(update={"embed": config.embed.model_copy(update={modality: encoder})})
+
+
+def _recall(x: np.ndarray, ids: list[str], truth: dict[str, set], k: int) -> float:
+    """Exact cosine top-k (self excluded) of each product with a true match: the share with one in it."""
+    rows = [i for i, p in enumerate(ids) if p in truth]
+    sims = x[rows] @ x.T
+    sims[np.arange(len(rows)), rows] = -np.inf
+    top = np.argsort(-sims, axis=1)[:, :k]
+    return round(float(np.mean([bool(truth[ids[r]] & {ids[j] for j in t}) for r, t in zip(rows, top)])), 4)
+
+
+def amazon_google_text_recall(spark, config: ProdsimConfig, src: Path, k: int) -> float:
+    """Text alone, exact, over the pooled Amazon + Google catalog: R@k of the matched products."""
+    from benchmarks import datasets
+    from prodsim_spark import embed
+    from prodsim_spark.encoders import TextEncoder
+
+    rows = datasets.shop_rows(src, "amazon") + datasets.shop_rows(src, "google")
+    settings = config.embed.text
+    texts = [r["text"] for r in spark.createDataFrame(rows).select(
+        embed.compose_text(settings.template, settings.description_chars).alias("text")).collect()]
+    x = TextEncoder(settings, "cpu").encode([t or "" for t in texts], batch_size=config.embed.batch_size)
+    truth: dict[str, set] = {}
+    for a, g in datasets.amazon_google_matches(src):
+        truth.setdefault(a, set()).add(g)
+        truth.setdefault(g, set()).add(a)
+    return _recall(x, [r["product_id"] for r in rows], truth, k)
+
+
+def grocery_image_recall_at_1(config: ProdsimConfig, src: Path, work: Path) -> float:
+    """Image alone, exact, over the train split's listing photos: R@1 (the nearest other photo is a
+    listing of the same product)."""
+    from benchmarks import datasets
+    from prodsim_spark.encoders import ImageEncoder
+
+    catalog, _ = datasets.grocery_catalog(src, work / "grocery-train", "train")
+    listings = [r for r in csv.DictReader(open(catalog, encoding="utf-8")) if r["image_uri"]]
+    group = {r["product_id"]: r["group"] for r in csv.DictReader(open(catalog.parent / "groups.csv", encoding="utf-8"))}
+    settings = config.embed
+    vectors, errors = ImageEncoder(settings.image, "cpu").encode_uris(
+        [r["image_uri"] for r in listings], settings.batch_size, settings.decode_threads)
+    keep = [i for i, v in enumerate(vectors) if v is not None]
+    ids = [listings[i]["product_id"] for i in keep]
+    members: dict[str, set] = {}
+    for p in ids:
+        members.setdefault(group[p], set()).add(p)
+    truth = {p: members[group[p]] - {p} for p in ids if len(members[group[p]]) > 1}
+    return _recall(np.stack([vectors[i] for i in keep]), ids, truth, 1)

@@ -26,8 +26,8 @@ from pyspark.sql import functions as F
 
 from prodsim_spark import evaluate, finetune, groups, io, join, weights
 from prodsim_spark.config import FusionWeights, ProdsimConfig, with_overrides
-from prodsim_spark.pipeline import RunResult, run_embed, run_ingest, run_join, run_products
-from prodsim_spark.tables import CATALOG, NEIGHBOURS, RunTables
+from prodsim_spark.pipeline import run_products
+from prodsim_spark.tables import CATALOG, NEIGHBOURS
 
 from benchmarks import baselines, datasets
 
@@ -36,16 +36,6 @@ log = logging.getLogger(__name__)
 DEFAULTS = Path(__file__).with_name("quality.yaml")  # lists of 20, as bench quality (layered under --conf/--set)
 TRAINING_KEYS = ("train_s", "pairs_per_s", "images_per_s", "pairs", "hard_negatives", "photos", "groups",
                  "loss_per_epoch", "ids_not_found")
-
-
-def _run(spark, catalog: Path, output: Path, config: ProdsimConfig, *, neighbours: bool = True) -> RunTables:
-    """ingest + embed (+ the neighbours table) of ``catalog`` into ``output``."""
-    tables = RunTables.at(str(output))
-    result = run_ingest(spark, str(catalog), tables.output, config)
-    run_embed(spark, tables.output, config, result)
-    if neighbours:
-        run_join(spark, tables.output, config, RunResult(output=tables.output))
-    return tables
 
 
 def _measure(products, settings, pairs, queries, cutoffs) -> dict:
@@ -68,7 +58,7 @@ def _median(folds: list[dict]) -> dict:
 def bench_amazon_google(spark, config: ProdsimConfig, data: Path, work: Path) -> dict:
     catalog_csv, pairs_csv = datasets.build("amazon-google", data, work / "data")
     pairs = io.read_pairs(spark, str(pairs_csv)).persist()
-    pretrained = _run(spark, catalog_csv, work / "pretrained", config)
+    pretrained = datasets.run_catalog(spark, catalog_csv, work / "pretrained", config)
     catalog = pretrained.read(spark, CATALOG)
     neighbours = pretrained.read(spark, NEIGHBOURS)
     # folds by connected component: no product, and no product of a matched group, on both sides
@@ -88,7 +78,7 @@ def bench_amazon_google(spark, config: ProdsimConfig, data: Path, work: Path) ->
         report = finetune.fine_tune(spark, "text", rows, not_found, config, str(work / "models" / f"text-fold{fold}"))
         trainings.append(_training(report))
         tuned_config = with_overrides(config, report["set"])
-        tuned = _run(spark, catalog_csv, work / f"tuned-fold{fold}", tuned_config, neighbours=False)
+        tuned = datasets.run_catalog(spark, catalog_csv, work / f"tuned-fold{fold}", tuned_config, neighbours=False)
         tuned_products = run_products(spark, tuned.output, tuned_config)
         methods = {
             "tf-idf baseline": evaluate.metrics(tfidf_lists, pairs, queries, cutoffs=cutoffs),
@@ -132,7 +122,7 @@ def bench_grocery(spark, config: ProdsimConfig, data: Path, work: Path, modaliti
     train_groups = work / "data" / "train" / "groups.csv"
     pairs = io.read_pairs(spark, str(pairs_csv)).persist()
     queries = spark.createDataFrame([(i,) for i in val_ids], "product_id string")
-    pretrained = _run(spark, catalog_csv, work / "pretrained", config)
+    pretrained = datasets.run_catalog(spark, catalog_csv, work / "pretrained", config)
     catalog = pretrained.read(spark, CATALOG)
     neighbours = pretrained.read(spark, NEIGHBOURS)
     overrides, trainings = [], {}
@@ -146,7 +136,7 @@ def bench_grocery(spark, config: ProdsimConfig, data: Path, work: Path, modaliti
         trainings[modality] = _training(report)
         overrides += report["set"]
     tuned_config = with_overrides(config, overrides)
-    tuned = _run(spark, catalog_csv, work / "tuned", tuned_config, neighbours=False)
+    tuned = datasets.run_catalog(spark, catalog_csv, work / "tuned", tuned_config, neighbours=False)
     cutoffs = config.evaluate.cutoffs
     train_pairs = io.read_pairs(spark, str(train_groups)).persist()
     methods, fitted = {}, {}

@@ -108,6 +108,22 @@ def _mllib_join(spark, products, n: int, k: int, bucket_length: float, tables: i
     return {r["q"]: [x["m"] for x in r["l"]] for r in rows}
 
 
+def shuffle_write_bytes(spark) -> int | None:
+    """Shuffle bytes written by this application so far (Spark's monitoring REST API); None without a UI."""
+    import json
+    import urllib.request
+
+    url = spark.sparkContext.uiWebUrl
+    if not url:
+        return None
+    try:
+        with urllib.request.urlopen(f"{url}/api/v1/applications/{spark.sparkContext.applicationId}/stages",
+                                    timeout=30) as answer:
+            return int(sum(stage.get("shuffleWriteBytes", 0) for stage in json.load(answer)))
+    except OSError:
+        return None
+
+
 def bench_join(spark, config: ProdsimConfig, *, n: int, d: int = 384, sample: int = 2000,
                mllib: bool | None = None, mllib_bucket_length: float = 1.0, mllib_tables: int = 4,
                repeats: int = 3) -> dict:
@@ -130,11 +146,13 @@ def bench_join(spark, config: ProdsimConfig, *, n: int, d: int = 384, sample: in
     wanted = [f"p{i:07d}" for i in query_rows]
     runs = []
     for _ in range(max(1, repeats)):
+        shuffled = shuffle_write_bytes(spark)
         started = time.perf_counter()
         result = (join.find_neighbours(products, settings)
                   .select("product_id", F.col("neighbours.product_id").alias("ids")).persist())
         rows = result.count()  # forces the whole join, for every product
         runs.append(time.perf_counter() - started)
+        shuffled = shuffle_write_bytes(spark) - shuffled if shuffled is not None else None
         found = {r["product_id"]: r["ids"] for r in result.where(F.col("product_id").isin(wanted)).collect()}
         result.unpersist()
         log.info("[bench join] ours: %d products in %.1f s", rows, runs[-1])
@@ -148,7 +166,9 @@ def bench_join(spark, config: ProdsimConfig, *, n: int, d: int = 384, sample: in
            "ours_s_runs": [round(t, 2) for t in runs],
            "exact_s": round(exact_s, 2), "exact_sample": len(query_rows),
            "speedup_vs_exact": round(exact_s / ours_s, 2),
-           "settings": {"block_size": settings.block_size, "spill": settings.spill}}
+           "settings": {"block_size": settings.block_size, "spill": settings.spill,
+                        "refine_passes": settings.refine_passes, "sample_size": settings.sample_size},
+           "shuffle_bytes_per_product": round(shuffled / n, 1) if shuffled is not None else None}
     if mllib is None:
         mllib = n <= 20_000
     if mllib:

@@ -7,12 +7,21 @@ on Spark over all Q queries; single = :class:`Searcher` answering queries one at
 Exact: every product scored by blocked numpy matrix multiply on the driver, for a sample of queries,
 time extrapolated to all Q (what searching without an index costs). Recall@k is ours against exact on
 that sample.
+
+Quality (``--dataset``): real queries over a real catalog, through the notebook API (the same scoring
+as the batch job): grocery, one query per product (its name with its kind, e.g. "Golden Delicious
+Apple", and its iconic studio photo) over a split's listings, its listings relevant; amazon-google,
+each matched Google title over the Amazon catalog. Ours (``search.probe`` cells), the same fused
+scoring over every product (what the index costs), and a baseline: grocery, plain exact search with the
+mean of text and image cosine over what the listing has; amazon-google, a character TF-IDF ranking.
 """
 from __future__ import annotations
 
+import csv
 import logging
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -21,6 +30,7 @@ from prodsim_spark.config import FusionWeights, ProdsimConfig
 from prodsim_spark.index import build_index
 from prodsim_spark.search import Searcher, search_products
 
+from benchmarks import datasets
 from benchmarks.join import clustered_vectors, synthetic_frame, synthetic_products
 
 log = logging.getLogger(__name__)
@@ -118,3 +128,128 @@ def bench_search(spark, config: ProdsimConfig, *, n: int = 100_000, queries: int
            "single_p95_ms": round(float(np.percentile(latencies, 95)), 2)}
     log.info("[bench search] %s", out)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# quality on labelled data
+
+
+def ranking_metrics(ranked: list, relevant: list[set], k: int) -> dict:
+    """R@1 (the first result is relevant), R@k (one of the first k is), P@k (relevant share of the first
+    k, over k) and MRR@k (1 / rank of the first relevant result in the first k, else 0)."""
+    first = [next((i for i, x in enumerate(list(r)[:k]) if x in rel), None) for r, rel in zip(ranked, relevant)]
+    n = len(ranked)
+    return {"queries": n,
+            "recall@1": round(sum(f == 0 for f in first) / n, 4),
+            f"recall@{k}": round(sum(f is not None for f in first) / n, 4),
+            f"precision@{k}": round(sum(len(set(list(r)[:k]) & rel) for r, rel in zip(ranked, relevant)) / (n * k), 4),
+            "mrr": round(sum(1 / (f + 1) for f in first if f is not None) / n, 4)}
+
+
+def exact_ranking(scores: np.ndarray, ids: np.ndarray, k: int) -> list:
+    """The ids of the k best scores of each row (NaN or -inf: never ranked)."""
+    scores = np.where(np.isfinite(scores), scores, -np.inf)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [[ids[j] for j in row if np.isfinite(scores[i, j])] for i, row in enumerate(top)]
+
+
+def mean_cosine(q: fusion.Products, p: fusion.Products) -> np.ndarray:
+    """(queries, products): the mean of text and image cosine over the modalities both have (the plain
+    exact search the issue measured); -inf where they share none."""
+    total = np.zeros((len(q), len(p)))
+    count = np.zeros((len(q), len(p)))
+    for m in ("text", "image"):
+        if m in q.vectors and m in p.vectors:
+            both = q.has[m][:, None] & p.has[m][None, :]
+            total += np.where(both, q.vectors[m] @ p.vectors[m].T, 0.0)
+            count += both
+    return np.where(count > 0, total / np.maximum(count, 1), -np.inf)
+
+
+def stack_queries(rows: list[fusion.Products]) -> fusion.Products:
+    """Single-row query products stacked into one block."""
+    return fusion.Products(np.concatenate([r.ids for r in rows]),
+                           {m: np.concatenate([r.vectors[m] for r in rows]) for m in rows[0].vectors},
+                           {m: np.concatenate([r.has[m] for r in rows]) for m in rows[0].has},
+                           *(np.concatenate([getattr(r, f) for r in rows]) for f in ("brand", "category", "log_price",
+                                                                                     "source")))
+
+
+def query_text(name: str, kind: str) -> str:
+    """A shopper's words for a grocery product: its name with its kind ("Golden Delicious Apple"), the
+    kind left out when the name already says it ("Bravo Apple Juice")."""
+    name, kind = name.replace("-", " "), kind.replace("-", " ")
+    return name if kind.lower() in name.lower() else f"{name} {kind}"
+
+
+def grocery_queries(src: Path, groups_csv: Path) -> list[dict]:
+    """One query per product of the split: text, its iconic photo, the ids of its listings."""
+    members: dict[int, set] = {}
+    for r in csv.DictReader(open(groups_csv, encoding="utf-8")):
+        members.setdefault(int(r["group"]), set()).add(r["product_id"])
+    out = []
+    for c in csv.DictReader(open(src / "dataset" / "classes.csv", encoding="utf-8")):
+        fine = int(c["Class ID (int)"])
+        if fine in members:
+            out.append({"query_id": f"g{fine}", "relevant": members[fine],
+                        "text": query_text(c["Class Name (str)"], c["Coarse Class Name (str)"]),
+                        "image": str(src / "dataset" / c["Iconic Image Path (str)"].lstrip("/"))})
+    return out
+
+
+def _rank_all(searcher: Searcher, q: fusion.Products, k: int, probe: int | None = None) -> list:
+    return [list(searcher.search_vectors(q.take([i]), k=k, probe=probe)["product_id"]) for i in range(len(q))]
+
+
+def bench_search_quality(spark, config: ProdsimConfig, dataset: str, data: Path, work: Path, *,
+                         split: str = "train") -> dict:
+    """Search quality on ``dataset`` (see the module docstring): per query mode, ours, exact fused and
+    the baseline, with R@1, R@k, P@k and MRR at k = ``search.k``."""
+    k = config.search.k
+    if dataset == "grocery":
+        catalog, _ = datasets.grocery_catalog(data, work / f"listings-{split}", split)
+        queries = grocery_queries(data, catalog.parent / "groups.csv")
+        modes = {"text": lambda q: (q["text"], None), "image": lambda q: (None, q["image"]),
+                 "text+image": lambda q: (q["text"], q["image"])}
+    else:
+        catalog, queries = datasets.amazon_catalog_and_google_queries(data, work / "data")
+        modes = {"text": lambda q: (q["text"], None)}
+    tables = datasets.run_catalog(spark, catalog, work / "run", config)
+    searcher = Searcher.load(spark, tables.output, config)
+    relevant = [q["relevant"] for q in queries]
+    out = {"dataset": dataset, "k": k, "probe": config.search.probe, "products": len(searcher.products),
+           "cells": int(len(searcher.index.centroids)), "methods": {}}
+    if dataset == "grocery":
+        out["split"] = split
+    for mode, parts in modes.items():
+        started = time.perf_counter()
+        q = stack_queries([searcher.embed_query(*parts(one)) for one in queries])
+        embed_s = time.perf_counter() - started
+        started = time.perf_counter()
+        ours = _rank_all(searcher, q, k)
+        search_ms = (time.perf_counter() - started) * 1000 / len(queries)
+        methods = {"ours": ranking_metrics(ours, relevant, k),
+                   "exact_fused": ranking_metrics(_rank_all(searcher, q, k, probe=len(searcher.index.centroids)),
+                                                  relevant, k)}
+        if dataset == "grocery":
+            methods["mean_cosine_exact"] = ranking_metrics(
+                exact_ranking(mean_cosine(q, searcher.products), searcher.products.ids, k), relevant, k)
+        else:
+            methods["tfidf"] = ranking_metrics(tfidf_ranking(queries, searcher, k), relevant, k)
+        methods["ours"].update(embed_ms_per_query=round(embed_s * 1000 / len(queries), 1),
+                               search_ms_per_query=round(search_ms, 2))
+        out["methods"][mode] = methods
+    log.info("[bench search %s] %s", dataset, out)
+    return out
+
+
+def tfidf_ranking(queries: list[dict], searcher: Searcher, k: int) -> list:
+    """Character TF-IDF (char_wb 3-5 grams, sublinear tf, as the quality benchmark's baseline) of each
+    query's text against the catalog's titles, exact cosine."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    ids = searcher.products.ids
+    vectorizer = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True)
+    x = vectorizer.fit_transform([searcher.titles.get(i) or "" for i in ids])
+    sims = (vectorizer.transform([q["text"] for q in queries]) @ x.T).toarray()
+    return exact_ranking(sims, ids, k)

@@ -15,6 +15,8 @@ from prodsim_spark.config import CATALOG_FORMATS, ProdsimConfig, load_config, pa
 from prodsim_spark.errors import ConfigError, InputError, ProdsimError
 
 log = logging.getLogger("prodsim_spark.cli")
+# the checkout's shared datasets (benchmark defaults; a wheel install has none)
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 _EXIT_USAGE = 2
 # command-line flags that are shorthands for one config key each
@@ -89,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     b_embed.add_argument("--rows", type=int, default=2000, help="texts to encode (sample catalog, cycled)")
     b_embed.add_argument("--image-rows", type=int, default=400, help="images to decode and encode (0: skip)")
     b_embed.add_argument("--repeats", type=int, default=3, help="runs of each; medians are reported")
+    b_embed.add_argument("--runtimes", choices=["yes", "no"], default="yes",
+                         help="also measure every CPU runtime (embed.*.runtime): rows/s and quality cost")
+    b_embed.add_argument("--amazon-google", metavar="DIR", default=str(SHARED_DATA / "amazon-google"),
+                         help="Amazon-Google folder for the text runtimes' R@10 (skipped when absent)")
+    b_embed.add_argument("--grocery", metavar="DIR", default=str(SHARED_DATA / "grocery"),
+                         help="grocery folder for the image runtimes' R@1 (skipped when absent)")
+    b_embed.add_argument("--work", default="out/bench-embed", metavar="DIR", help="scratch folder (grocery listings)")
     b_embed.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_config_args(b_embed)
     b_join = bench_sub.add_parser(
@@ -122,14 +131,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(b_quality)
 
     b_search = bench_sub.add_parser(
-        "search", help="batch search and the single-query API vs exact search (synthetic)",
-        description="On clustered synthetic vectors: batch search on Spark and the notebook API (one query at a "
-                    "time after loading) vs exact search (every product scored, numpy, on a sample of queries, "
-                    "time extrapolated): recall@k, queries/s, single-query latency.")
+        "search", help="batch search and the single-query API vs exact search (synthetic), or search quality "
+                       "on a labelled dataset (--dataset)",
+        description="Without --dataset, on clustered synthetic vectors: batch search on Spark and the notebook API "
+                    "(one query at a time after loading) vs exact search (every product scored, numpy, on a sample "
+                    "of queries, time extrapolated): recall@k, queries/s, single-query latency. With --dataset: "
+                    "grocery, one query per product (name + kind, its iconic photo; text, image, both) over a "
+                    "split's listings; amazon-google, each matched Google title over the Amazon catalog. R@1, R@k, "
+                    "P@k, MRR of ours, exact fused scoring and a baseline (mean text/image cosine; TF-IDF).")
     b_search.add_argument("--n", type=int, default=100_000, help="products")
     b_search.add_argument("--queries", type=int, default=100_000, help="queries in the batch")
     b_search.add_argument("--d", type=int, default=384, help="vector dimension")
     b_search.add_argument("--sample", type=int, default=1000, help="queries checked against exact search")
+    b_search.add_argument("--dataset", choices=["amazon-google", "grocery"], default=None,
+                          help="measure search quality on this labelled dataset instead")
+    b_search.add_argument("--data", metavar="DIR", help="the dataset's folder (with --dataset)")
+    b_search.add_argument("--work", default="out/bench-search", metavar="DIR", help="scratch folder (with --dataset)")
+    b_search.add_argument("--split", choices=["train", "val"], default="train", help="grocery: the listings' split")
     b_search.add_argument("--json", action="store_true")
     _add_config_args(b_search)
 
@@ -416,6 +434,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print("learned per fold:", [{**f["weights"], "same_source_penalty": f["same_source_penalty"]}
                                         for f in result["fits"]])
         return 0
+    if args.bench == "search" and args.dataset:
+        from benchmarks import datasets
+        from benchmarks import search as bench_search
+
+        if not args.data:
+            raise ConfigError("--dataset needs --data DIR (the dataset's folder)", stage="bench search")
+        datasets.check(args.dataset, Path(args.data))
+        config = _config_from(args)
+        spark = get_session(config.spark)
+        result = bench_search.bench_search_quality(spark, config, args.dataset, Path(args.data).resolve(),
+                                                   Path(args.work), split=args.split)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            from prodsim_spark.evaluate import markdown_table
+
+            for mode, methods in result["methods"].items():
+                print(f"{mode} queries:")
+                print(markdown_table(methods))
+        return 0
     config = _config_from(args)
     spark = get_session(config.spark)
     if args.bench == "search":
@@ -436,9 +474,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                            mllib_tables=args.mllib_tables, repeats=args.repeats)
         print(json.dumps(result, indent=2) if args.json else result)
         return 0
+    from benchmarks import datasets
     from benchmarks import embed as bench_embed
 
     result = bench_embed.bench_embed(spark, config, rows=args.rows, image_rows=args.image_rows, repeats=args.repeats)
+    if args.runtimes == "yes":
+        folder = {name: Path(getattr(args, name.replace("-", "_"))) for name in ("amazon-google", "grocery")}
+        found = {}
+        for name, path in folder.items():
+            try:
+                datasets.check(name, path)
+                found[name] = path.resolve()
+            except InputError as exc:
+                log.warning("bench embed: no %s quality figure for the runtimes: %s", name, exc)
+        result["runtimes"] = bench_embed.bench_runtimes(
+            spark, config, rows=args.rows, image_rows=args.image_rows, repeats=args.repeats,
+            amazon_google=found.get("amazon-google"), grocery=found.get("grocery"), work=Path(args.work))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -447,6 +498,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 r = result[kind]
                 print(f"{kind:<6} {r['rows']:>6} rows  spark {r['rows_per_s_spark']:>8.1f}/s  "
                       f"bare {r['rows_per_s_bare']:>8.1f}/s  ratio {r['ratio']:.3f}")
+        for name, figures in result.get("runtimes", {}).items():
+            print(f"runtime {name:<10} " + "  ".join(f"{k} {v}" for k, v in figures.items()))
     return 0
 
 

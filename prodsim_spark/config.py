@@ -128,6 +128,9 @@ class TextEncoderSettings(_Section):
     """How a product's text is composed; a {field} with its leading literal is left out when empty."""
     description_chars: int = Field(default=300, ge=0)
     max_tokens: int = Field(default=128, ge=8, le=8192)
+    runtime: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    """CPU runtime (prodsim_spark/runtimes.py): torch; onnx (ONNX Runtime, same vectors); onnx-int8
+    (int8 weights: faster, vectors at cosine ~0.99, a new encoder id)."""
 
 
 class ImageEncoderSettings(_Section):
@@ -150,6 +153,8 @@ class ImageEncoderSettings(_Section):
     100,000 px strip would become gigapixels; such images get image_bad_aspect instead."""
     read_timeout_s: float = Field(default=5.0, gt=0)
     """Deadline for reading one image (local, FUSE or object store); past it: image_timeout."""
+    runtime: Literal["torch", "onnx"] = "torch"
+    """CPU runtime (prodsim_spark/runtimes.py): torch, or onnx (ONNX Runtime, same vectors)."""
 
 
 class EmbedSettings(_Section):

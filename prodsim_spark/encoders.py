@@ -119,11 +119,36 @@ def _l2_normalise(x):
     return torch.nn.functional.normalize(x.float(), p=2, dim=1)
 
 
+def _mean_pooled(hidden, attention_mask):
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def _cpu_runtime(runtime: str, device: str, key: str) -> bool:
+    """Whether an ONNX runtime runs here (see prodsim_spark.runtimes: they are CPU runtimes)."""
+    if runtime == "torch":
+        return False
+    if device == "cpu":
+        return True
+    if runtime == "onnx-int8":
+        raise ModelError(f"{key}=onnx-int8 is a CPU runtime and this process has a GPU ({device}); set "
+                         "embed.device=cpu, or the runtime to torch or onnx", stage="embed")
+    log.info("%s=%s is a CPU runtime: on %s the torch model runs (same vectors)", key, runtime, device)
+    return False
+
+
 def text_encoder_id(settings: TextEncoderSettings) -> str:
     """Changes whenever the vectors would: another model, other weights, another token limit.
     Raises ModelError when the model cannot be found."""
     revision = settings.revision or fingerprint(model_folder(settings.model, "embed.text.model"))
-    return f"text:{settings.model}@{revision}/max_tokens={settings.max_tokens}"
+    # int8 vectors differ from the float ones (cosine ~0.99), so they are another encoder's; onnx
+    # gives the float vectors (as fp16 on a GPU does) and keeps the id
+    runtime = "/runtime=onnx-int8" if settings.runtime == "onnx-int8" else ""
+    return f"text:{settings.model}@{revision}/max_tokens={settings.max_tokens}{runtime}"
 
 
 def finetuned_image_folder(settings: ImageEncoderSettings) -> Path | None:
@@ -155,15 +180,19 @@ def finetuned_image_folder(settings: ImageEncoderSettings) -> Path | None:
     return folder
 
 
-def image_encoder_id(settings: ImageEncoderSettings) -> str:
-    """Like :func:`text_encoder_id`, for images (architecture, weights, preprocessing)."""
+def image_model_location(settings: ImageEncoderSettings) -> str:
+    """The file or folder that holds the image model's weights ("" for a random init)."""
     folder = finetuned_image_folder(settings)
     if folder is not None:
-        location = str(folder)
-    elif settings.kind == "huggingface":
-        location = model_folder(settings.model, "embed.image.model")
-    else:
-        location = weights_file(settings.weights, "embed.image.weights") if settings.weights else ""
+        return str(folder)
+    if settings.kind == "huggingface":
+        return model_folder(settings.model, "embed.image.model")
+    return weights_file(settings.weights, "embed.image.weights") if settings.weights else ""
+
+
+def image_encoder_id(settings: ImageEncoderSettings) -> str:
+    """Like :func:`text_encoder_id`, for images (architecture, weights, preprocessing)."""
+    location = image_model_location(settings)
     # no weights file (random init): nothing to fingerprint; Path("") would be the working folder
     revision = settings.revision or (fingerprint(location) if location else "no-weights")
     return (f"image:{settings.kind}:{settings.model}@{revision}/size={settings.image_size}"
@@ -192,6 +221,25 @@ class TextEncoder:
         self.dim = int(self.model.config.hidden_size)
         self.encoder_id = text_encoder_id(settings)
         self._torch = torch
+        self._onnx = None
+        if _cpu_runtime(settings.runtime, self.device, "embed.text.runtime"):
+            self._onnx = self._onnx_model(Path(location).parent)
+
+    def _onnx_model(self, beside: Path):
+        from prodsim_spark import runtimes
+
+        example = self.tokenizer(["a product title", "another product"], padding=True, return_tensors="pt")
+        names = list(example.keys())  # input_ids, attention_mask (+ token_type_ids for BERT-like models)
+
+        def embedding(model, *inputs):
+            batch = dict(zip(names, inputs))
+            return _l2_normalise(_mean_pooled(model(**batch).last_hidden_state, batch["attention_mask"]))
+
+        target = runtimes.onnx_file(self.encoder_id, beside, self.settings.runtime)
+        module = runtimes.TracedFeatures(self.model, embedding)
+        path = runtimes.export(module, tuple(example[n] for n in names), names, "embedding", target,
+                               quantize=self.settings.runtime == "onnx-int8")
+        return runtimes.OnnxModel(path, self._torch.get_num_threads())
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """(len(texts), dim) float32. Batches are formed by token length, which cuts padding."""
@@ -205,12 +253,14 @@ class TextEncoder:
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                batch = self.tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc.keys()}, return_tensors="pt")
-                batch = {k: v.to(self.device) for k, v in batch.items()}
+                rows = {k: [enc[k][i] for i in idx] for k in enc.keys()}
+                if self._onnx is not None:
+                    batch = self.tokenizer.pad(rows, return_tensors="np")
+                    out[idx] = _unit_rows(self._onnx(**{k: v.astype(np.int64) for k, v in batch.items()}))
+                    continue
+                batch = {k: v.to(self.device) for k, v in self.tokenizer.pad(rows, return_tensors="pt").items()}
                 hidden = self.model(**batch).last_hidden_state
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                out[idx] = _l2_normalise(pooled).cpu().numpy()
+                out[idx] = _l2_normalise(_mean_pooled(hidden, batch["attention_mask"])).cpu().numpy()
         return out
 
 
@@ -346,8 +396,19 @@ class ImageEncoder:
         if self.device.startswith("cuda"):
             self.model = self.model.half()
         self.encoder_id = image_encoder_id(settings)
-        self.dim = int(self._forward(torch.zeros(1, 3, settings.image_size, settings.image_size)).shape[1])
+        example = torch.zeros(2, 3, settings.image_size, settings.image_size)
+        self.dim = int(self._forward(example).shape[1])
         self._transform = None if self._processor else self._make_transform()
+        self._onnx = None
+        if _cpu_runtime(settings.runtime, self.device, "embed.image.runtime"):
+            from prodsim_spark import runtimes
+
+            location = image_model_location(settings)
+            beside = Path(location).parent if location else Path.home() / ".cache" / "prodsim"
+            target = runtimes.onnx_file(self.encoder_id, beside, settings.runtime)
+            path = runtimes.export(runtimes.TracedFeatures(self.model, self._features), (example,), ["pixels"],
+                                   "features", target, quantize=False)
+            self._onnx = runtimes.OnnxModel(path, torch.get_num_threads())
 
     def _make_transform(self):
         from torchvision import transforms as T
@@ -362,20 +423,24 @@ class ImageEncoder:
             return self._processor(images=image, return_tensors="pt")["pixel_values"][0]
         return self._transform(image)
 
+    def _features(self, model, pixels):
+        """Pooled features of a pixel batch (what the ONNX export traces, too)."""
+        if self.settings.kind != "huggingface":
+            return model(pixels)
+        if hasattr(model, "get_image_features"):  # CLIP-style: projected image embedding
+            out = model.get_image_features(pixel_values=pixels)
+            return out if isinstance(out, self._torch.Tensor) else out.pooler_output
+        out = model(pixel_values=pixels)
+        pooled = getattr(out, "pooler_output", None)
+        return pooled if pooled is not None else out.last_hidden_state[:, 0]
+
     def _forward(self, pixels):
-        torch = self._torch
-        with torch.inference_mode():
-            pixels = pixels.to(self.device, dtype=next(self.model.parameters()).dtype)
-            if self.settings.kind != "huggingface":
-                return self.model(pixels)
-            if hasattr(self.model, "get_image_features"):  # CLIP-style: projected image embedding
-                out = self.model.get_image_features(pixel_values=pixels)
-                return out if isinstance(out, torch.Tensor) else out.pooler_output
-            out = self.model(pixel_values=pixels)
-            pooled = getattr(out, "pooler_output", None)
-            return pooled if pooled is not None else out.last_hidden_state[:, 0]
+        with self._torch.inference_mode():
+            return self._features(self.model, pixels.to(self.device, dtype=next(self.model.parameters()).dtype))
 
     def encode_pixels(self, pixels) -> np.ndarray:
+        if self._onnx is not None:
+            return _unit_rows(self._onnx(pixels=pixels.numpy().astype(np.float32, copy=False)))
         return _l2_normalise(self._forward(pixels)).cpu().numpy()
 
     def load(self, uri: str):

@@ -310,7 +310,9 @@ class Searcher:
             F.lower(F.trim("category")).alias("name"), join.code(F.col("category")).alias("code")).distinct().collect()}
         return cls(index, join.products_from_columns(pdf, index.dims), titles, categories, config)
 
-    def _query(self, text: str | None, image) -> fusion.Products:
+    def embed_query(self, text: str | None = None, image=None) -> fusion.Products:
+        """One query (text, image: a path/URI or a PIL image, or both) as a row of ``fusion.Products``,
+        embedded as the catalog was (text encoder, lexical channel, image encoder)."""
         from prodsim_spark.encoders import ImageEncoder, TextEncoder
 
         dims, vectors, has = self.index.dims, {}, {}
@@ -341,7 +343,7 @@ class Searcher:
         title, score and its parts (text, image, lexical contributions: they add up to the score)."""
         if not text and image is None:
             raise ValueError("give a text, an image or both")
-        return self.search_vectors(self._query(text, image), k=k, category=category, min_price=min_price,
+        return self.search_vectors(self.embed_query(text, image), k=k, category=category, min_price=min_price,
                                    max_price=max_price, probe=probe)
 
     def search_vectors(self, q: fusion.Products, *, k: int | None = None, category: str | None = None,

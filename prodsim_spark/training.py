@@ -253,7 +253,8 @@ def train_image(records: list[dict], image_settings_json: str, model_out: str, s
         _seed(settings["seed"])
         if not cuda:
             torch.set_num_threads(max(1, settings["threads"] // world))
-        backbone = ImageEncoder(image, "cpu").backbone.float()  # a fine-tuned folder's old head is dropped
+        # a fine-tuned folder's old head is dropped; training needs the torch model, whatever runtime embeds
+        backbone = ImageEncoder(image.model_copy(update={"runtime": "torch"}), "cpu").backbone.float()
         frozen, tail = split_backbone(backbone, settings["trainable_blocks"])
         frozen.to(device).eval()
         normalise = T.Normalize(image.mean, image.std)

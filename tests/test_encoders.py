@@ -166,3 +166,33 @@ def test_image_uri_policy(tmp_path):
         uri, why = verdict(refused)
         assert uri is None and why, refused
     assert verdict(str(secret), roots=(str(shop), str(tmp_path)))[1] is None  # a configured extra root
+
+
+def test_onnx_runtimes_give_the_torch_vectors_or_say_they_do_not(text_encoder, image_encoder, tmp_path):
+    from prodsim_spark import encoders
+    from prodsim_spark.errors import ModelError
+
+    settings = TextEncoderSettings(max_tokens=256)
+    want = text_encoder.encode(TEXTS)
+    onnx = TextEncoder(settings.model_copy(update={"runtime": "onnx"}), "cpu")
+    assert onnx.encoder_id == text_encoder.encoder_id  # same vectors, same id: nothing re-encodes
+    assert np.abs(onnx.encode(TEXTS, batch_size=2) - want).max() < 1e-4
+    int8 = TextEncoder(settings.model_copy(update={"runtime": "onnx-int8"}), "cpu")
+    assert int8.encoder_id != text_encoder.encoder_id  # other vectors: a re-run re-encodes every text
+    cos = (int8.encode(TEXTS) * want).sum(1)
+    assert cos.min() > 0.95 and cos.mean() > 0.98
+    # the export is made once and reused (named by the encoder id, beside the model)
+    folder = encoders.Path(encoders.model_folder(settings.model, "embed.text.model")).parent / ".prodsim-onnx"
+    files = sorted((p, p.stat().st_mtime_ns) for p in folder.glob("*.onnx"))
+    assert len(files) >= 2
+    TextEncoder(settings.model_copy(update={"runtime": "onnx"}), "cpu")
+    assert sorted((p, p.stat().st_mtime_ns) for p in folder.glob("*.onnx")) == files
+
+    uris = [str(ROOT / f"data/sample/images/{n}.jpg") for n in ("G006", "G000", "G001")]
+    got, _ = ImageEncoder(ImageEncoderSettings(runtime="onnx"), "cpu").encode_uris(uris)
+    torch_vectors, _ = image_encoder.encode_uris(uris)
+    assert np.abs(np.stack(got) - np.stack(torch_vectors)).max() < 1e-4
+    # int8 vectors would carry a CPU encoder id on a GPU's vectors: refused there, with the way out
+    with pytest.raises(ModelError, match="embed.device=cpu"):
+        encoders._cpu_runtime("onnx-int8", "cuda", "embed.text.runtime")
+    assert encoders._cpu_runtime("onnx", "cuda", "embed.image.runtime") is False

@@ -121,3 +121,19 @@ def test_the_notebook_api_answers_as_the_batch_search(spark, sample_run, searche
     assert list(ranged["product_id"]) == [x["product_id"] for x in rows[2]["results"]]
     with pytest.raises(ValueError, match="give a text"):
         searcher.search()
+
+
+def test_search_quality_metrics_count_relevant_results_and_first_ranks():
+    from benchmarks.search import exact_ranking, query_text, ranking_metrics
+
+    ranked = [["a", "x", "b"], ["x", "y", "c"], ["z"]]
+    relevant = [{"a", "b"}, {"c"}, {"q"}]
+    m = ranking_metrics(ranked, relevant, k=3)
+    near = lambda x: pytest.approx(x, abs=1e-4)  # noqa: E731 (the figures are rounded to 4 places)
+    assert m["recall@1"] == near(1 / 3) and m["recall@3"] == near(2 / 3)
+    assert m["precision@3"] == near((2 + 1 + 0) / 9) and m["mrr"] == near((1 + 1 / 3) / 3)
+    # -inf (no shared modality) is never ranked, whatever k asks for
+    scores = np.array([[0.2, -np.inf, 0.9]])
+    assert exact_ranking(scores, np.array(["p", "q", "r"], dtype=object), 3) == [["r", "p"]]
+    assert query_text("Golden-Delicious", "Apple") == "Golden Delicious Apple"
+    assert query_text("Bravo-Apple-Juice", "Juice") == "Bravo Apple Juice"
