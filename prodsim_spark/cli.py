@@ -151,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     b_search.add_argument("--json", action="store_true")
     _add_config_args(b_search)
 
+    b_inc = bench_sub.add_parser(
+        "incremental", help="a day's re-run after a share of the catalog changed: incremental vs full (synthetic)",
+        description="Day 1: a full join of N synthetic products. Day 2: a share --changed edited, removed or added "
+                    "(a third each); the incremental re-run vs a full run (new cells) in one run, and whether its "
+                    "lists equal a full join over day 1's cells (same_lists).")
+    b_inc.add_argument("--n", type=int, default=400_000, help="products on day 1")
+    b_inc.add_argument("--changed", type=float, default=0.01, help="share of products that change")
+    b_inc.add_argument("--d", type=int, default=384, help="vector dimension")
+    b_inc.add_argument("--work", default="out/bench-incremental", metavar="DIR", help="scratch folder for tables")
+    b_inc.add_argument("--json", action="store_true")
+    _add_config_args(b_inc)
+
     b_ft = bench_sub.add_parser(
         "fine-tune", help="pretrained vs fine-tuned encoders on products the training never saw",
         description="amazon-google: two folds by connected component of the match pairs; fine-tune the text "
@@ -395,7 +407,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from prodsim_spark.session import get_session
 
     if args.bench is None:
-        raise ConfigError("say what to benchmark: prodsim bench embed|join|quality|fine-tune|search")
+        raise ConfigError("say what to benchmark: prodsim bench embed|join|quality|fine-tune|search|incremental")
     _benchmarks_package()
     if args.bench == "fine-tune":
         from benchmarks import datasets, finetune as bench_finetune
@@ -460,6 +472,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from benchmarks import search as bench_search
 
         result = bench_search.bench_search(spark, config, n=args.n, queries=args.queries, d=args.d, sample=args.sample)
+        print(json.dumps(result, indent=2) if args.json else result)
+        return 0
+    if args.bench == "incremental":
+        from benchmarks import incremental as bench_incremental
+
+        result = bench_incremental.bench_incremental(spark, config, n=args.n, changed=args.changed, d=args.d,
+                                                     work=Path(args.work))
         print(json.dumps(result, indent=2) if args.json else result)
         return 0
     if args.bench == "join":

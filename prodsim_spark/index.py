@@ -72,18 +72,45 @@ def _lexical_settings(config: ProdsimConfig) -> dict | None:
     return config.lexical.model_dump(mode="json") if config.lexical.enabled and config.join.weights.lexical > 0 else None
 
 
+def routing_settings(config: ProdsimConfig) -> dict:
+    """The join settings that decide which products meet and how lists are cut: an incremental re-run
+    over these cells needs them unchanged."""
+    j = config.join
+    return {"k": j.k, "spill": j.spill, "category_mode": j.category_mode, "same_source_penalty": j.same_source_penalty}
+
+
 def build_index(centroids: np.ndarray, idf: np.ndarray | None, dims: dict[str, int], config: ProdsimConfig,
-                text_encoder: str | None, image_encoder: str | None) -> Index:
+                text_encoder: str | None, image_encoder: str | None, *, several_sources: bool | None = None,
+                products: int | None = None) -> Index:
     meta = {"weights": config.join.weights.as_dict(), "price_scale": config.join.price_scale,
             "text_encoder": text_encoder, "image_encoder": image_encoder,
             "dims": {m: int(d) for m, d in dims.items()}, "lexical": _lexical_settings(config),
-            "cells": int(len(centroids))}
+            "cells": int(len(centroids)), "join": routing_settings(config), "several_sources": several_sources}
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
     digest.update(np.ascontiguousarray(centroids, dtype=np.float32).tobytes())
     if idf is not None:
         digest.update(np.ascontiguousarray(idf, dtype=np.float32).tobytes())
     meta["fingerprint"] = digest.hexdigest()[:16]
+    # counters for the drift measure (not part of the fingerprint: the cells are the same)
+    meta["products_at_build"], meta["changed_since_build"] = products, 0
     return Index(np.asarray(centroids, dtype=np.float32), idf, meta)
+
+
+def incremental_mismatch(index: Index, config: ProdsimConfig, text_encoder: str | None, image_encoder: str | None
+                         ) -> str | None:
+    """Why the previous run's cells cannot be reused for ``config`` (None: they can)."""
+    wanted = {"text encoder": (index.meta.get("text_encoder"), text_encoder),
+              "image encoder": (index.meta.get("image_encoder"), image_encoder),
+              "fusion weights": (index.meta.get("weights"), config.join.weights.as_dict()),
+              "price scale": (index.meta.get("price_scale"), config.join.price_scale),
+              "lexical channel": (index.meta.get("lexical"), _lexical_settings(config)),
+              "join settings": (index.meta.get("join"), routing_settings(config))}
+    for what, (built, now) in wanted.items():
+        if built != now:
+            return f"the {what} changed ({built} -> {now})"
+    if index.meta.get("products_at_build") is None:
+        return "the index was written before incremental runs"
+    return None
 
 
 def index_rows(spark: SparkSession, index: Index) -> DataFrame:

@@ -184,6 +184,24 @@ def write_delta(df: DataFrame, path: str, *, mode: str = "overwrite") -> None:
          .save(path))
 
 
+def merge_table(table: DataFrame, path: str, *, keys: tuple[str, ...] = ("product_id", "source_row")) -> None:
+    """MERGE a whole new version of a table into the one at ``path`` in one transaction: rows whose
+    other columns changed are updated, new rows inserted, rows gone deleted; rows that did not change
+    are not rewritten. ``keys`` identify a row (a neighbours row: its catalog row's product_id and
+    source_row; null-safe)."""
+    from delta.tables import DeltaTable
+
+    columns = table.columns
+    changed = " OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in columns if c not in keys)
+    merge = (DeltaTable.forPath(table.sparkSession, path).alias("t")
+             .merge(table.alias("s"), " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys))
+             .whenMatchedUpdate(condition=changed, set={c: f"s.`{c}`" for c in columns})
+             .whenNotMatchedInsert(values={c: f"s.`{c}`" for c in columns})
+             .whenNotMatchedBySourceDelete())
+    with delta_commit(path):
+        merge.execute()
+
+
 def read_delta(spark: SparkSession, path: str) -> DataFrame:
     return spark.read.format("delta").load(path)
 

@@ -20,7 +20,7 @@ from pyspark.sql import functions as F
 from prodsim_spark import embed, encoders, index, ingest, io, join, lexical
 from prodsim_spark.config import ProdsimConfig
 from prodsim_spark.progress import stage
-from prodsim_spark.tables import CATALOG, EMBEDDINGS, GROUPS, INDEX, NEIGHBOURS, SEARCH, RunTables, \
+from prodsim_spark.tables import CATALOG, EMBEDDINGS, GROUPS, INDEX, INDEX_MEMBERS, NEIGHBOURS, SEARCH, RunTables, \
     live_catalog, live_embeddings, neighbours_counts
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class RunResult:
     embed: dict[str, int] = field(default_factory=dict)
     join: dict[str, int] = field(default_factory=dict)
     groups: dict[str, int] = field(default_factory=dict)
+    incremental: dict[str, int] = field(default_factory=dict)  # set when the join ran incrementally
 
 
 def run_ingest(spark: SparkSession, catalog_path: str, output: str, config: ProdsimConfig) -> RunResult:
@@ -126,29 +127,100 @@ def encoder_ids(embeddings: DataFrame) -> tuple[str | None, str | None]:
     return ("|".join(row["t"]) or None), ("|".join(row["i"]) or None)
 
 
+def previous_cells(spark: SparkSession, tables: RunTables, config: ProdsimConfig, embeddings: DataFrame
+                   ) -> tuple["index.Index | None", str | None]:
+    """(the previous run's index, None) when this run can join incrementally over its cells, else
+    (None, why not)."""
+    if not config.join.incremental:
+        return None, "join.incremental is off"
+    if not (tables.exists(spark, INDEX) and tables.exists(spark, INDEX_MEMBERS) and tables.exists(spark, NEIGHBOURS)):
+        return None, "no previous cells"
+    built = index.read_index(tables.read(spark, INDEX))
+    why = index.incremental_mismatch(built, config, *encoder_ids(embeddings))
+    return (None, why) if why else (built, None)
+
+
 def run_join(spark: SparkSession, output: str, config: ProdsimConfig, result: RunResult) -> RunResult:
+    """The neighbours stage: incremental over the previous run's cells when they still fit (see
+    :mod:`prodsim_spark.incremental`), else new cells and a full join. Writes the neighbours table,
+    the index and the index members."""
+    from prodsim_spark import incremental
+
     tables = RunTables.at(output)
     catalog = tables.read(spark, CATALOG)
     embeddings = tables.read(spark, EMBEDDINGS)
     path = tables.neighbours
     with stage(spark, "join", f"top-{config.join.k} fused neighbours -> {path}"):
         with_lexical = config.lexical.enabled and config.join.weights.lexical > 0
-        idf = lexical.fit_idf(live_catalog(catalog), config.lexical) if with_lexical else None
-        products = join_products(catalog, embeddings, config, with_lexical=with_lexical, idf=idf)
-        cells = join.plan_cells(products, config.join)
-        found = join.find_neighbours(products, config.join, cells)
-        io.write_delta(join.neighbours_table(catalog, found, embeddings), path)
-        products.unpersist()
-        built = index.build_index(cells.centroids, idf, cells.shape.dims, config, *encoder_ids(embeddings))
+        previous, why = previous_cells(spark, tables, config, embeddings)
+        built, state, products = None, None, None
+        if previous is not None:
+            products = join_products(catalog, embeddings, config, with_lexical=with_lexical, idf=previous.idf)
+            shape = join.input_shape(products)
+            state = incremental.input_state(products, previous.centroids, config.join.weights, shape.dims).persist()
+            old_lists = (tables.read(spark, NEIGHBOURS).where(F.col("status") != "rejected")
+                         .join(tables.read(spark, INDEX_MEMBERS).select("product_id"), "product_id", "left_semi")
+                         .select("product_id", "neighbours"))
+            changes = incremental.find_changes(state, tables.read(spark, INDEX_MEMBERS), old_lists)
+            reasons = incremental.drift_reasons(changes, state, previous.meta["products_at_build"],
+                                                previous.meta["changed_since_build"], config.join)
+            if shape.several_sources != previous.meta.get("several_sources"):
+                reasons.append("the catalog's number of sources changed (one vs several: the same-source penalty)")
+            if reasons:
+                log.info("[join] planning new cells: %s", "; ".join(reasons))
+                state.unpersist()
+                state = None
+            else:
+                updated = incremental.update_neighbours(products, old_lists, changes, previous.centroids, shape.dims,
+                                                        config.join, shape.several_sources).persist()
+                updated.count()  # scored once, before the MERGE (which reads its source twice)
+                found = incremental.merge_lists(old_lists, updated, changes.removed)
+                io.merge_table(join.neighbours_table(catalog, found, embeddings), path)
+                updated.unpersist()
+                built = previous
+                built.meta["changed_since_build"] += changes.changed
+                result.incremental = {"new_or_changed": len(changes.new), "removed": len(changes.removed),
+                                      "rescored_unchanged": len(changes.rescored), "products": changes.products}
+        else:
+            log.info("[join] a full join: %s", why)
+        if built is None:  # new cells, every product
+            idf = lexical.fit_idf(live_catalog(catalog), config.lexical) if with_lexical else None
+            if idf is not None:  # as the index stores it (float32), so a re-run's lexical vectors are these
+                idf = idf.astype("float32").astype("float64")
+            if products is not None:  # built on the previous IDF: the new cells get a new one
+                products.unpersist()
+            products = join_products(catalog, embeddings, config, with_lexical=with_lexical, idf=idf)
+            cells = join.plan_cells(products, config.join)
+            found = join.find_neighbours(products, config.join, cells)
+            io.write_delta(join.neighbours_table(catalog, found, embeddings), path)
+            built = index.build_index(cells.centroids, idf, cells.shape.dims, config, *encoder_ids(embeddings),
+                                      several_sources=cells.shape.several_sources, products=cells.shape.count)
+            state = incremental.input_state(products, cells.centroids, config.join.weights, cells.shape.dims)
+        io.write_delta(state, tables.index_members)
         io.write_delta(index.index_rows(spark, built), tables.index)
+        products.unpersist()
+        if isinstance(state, DataFrame):
+            state.unpersist()
         result.join = neighbours_counts(tables.read(spark, NEIGHBOURS))  # what landed
         if config.embed.on_removed == "delete":  # no table lists them any more: safe to delete now
             embed.purge_removed(spark, tables.embeddings)
     result.tables[NEIGHBOURS] = path
     result.tables[INDEX] = tables.index
-    log.info("[join] %d rows, %d with neighbours; index of %d cells (%s)", result.join["rows"],
-             result.join["with_neighbours"], len(cells.centroids), built.fingerprint)
+    log.info("[join] %d rows, %d with neighbours; index of %d cells (%s)%s", result.join["rows"],
+             result.join["with_neighbours"], len(built.centroids), built.fingerprint,
+             f"; incremental: {result.incremental}" if result.incremental else "")
     return result
+
+
+def lists_on_index(spark: SparkSession, output: str, config: ProdsimConfig) -> DataFrame:
+    """Every product's list from a full join over the run's own cells and IDF (no new planning): what
+    an incremental run must equal."""
+    tables = RunTables.at(output)
+    built = index.read_index(tables.read(spark, INDEX))
+    with_lexical = config.lexical.enabled and config.join.weights.lexical > 0
+    products = join_products(tables.read(spark, CATALOG), tables.read(spark, EMBEDDINGS), config,
+                             with_lexical=with_lexical, idf=built.idf)
+    return join.find_neighbours(products, config.join, join.Cells(built.centroids, join.input_shape(products)))
 
 
 def group_products(spark: SparkSession, output: str, config: ProdsimConfig, products: DataFrame | None = None

@@ -6,6 +6,8 @@ A run writes Delta tables under one output folder (``--output``)::
     <output>/embeddings   text and image vectors per product, incremental  (embed)
     <output>/neighbours   per catalog row, its K most similar products     (neighbours)
     <output>/index        the join's IVF cells and what they were built with (neighbours)
+    <output>/index_members per product: a hash of its join inputs and its home cell (neighbours; what
+                          an incremental re-run compares)
     <output>/search       per query, the products that answer it           (search)
     <output>/groups       per catalog row, its group of listings of one product (group)
     <output>/report.html  the HTML report                                  (report)
@@ -24,11 +26,13 @@ from pyspark.sql import functions as F
 from prodsim_spark.errors import TableError
 
 CATALOG, EMBEDDINGS, NEIGHBOURS, INDEX, SEARCH, GROUPS = "catalog", "embeddings", "neighbours", "index", "search", "groups"
-TABLES = (CATALOG, EMBEDDINGS, NEIGHBOURS, INDEX, SEARCH, GROUPS)
+INDEX_MEMBERS = "index_members"
+TABLES = (CATALOG, EMBEDDINGS, NEIGHBOURS, INDEX, INDEX_MEMBERS, SEARCH, GROUPS)
 REPORT_HTML = "report.html"
 # the command that writes each table: named in the error when a table is missing
 WRITTEN_BY = {CATALOG: "prodsim ingest (or prodsim run)", EMBEDDINGS: "prodsim embed (or prodsim run)",
               NEIGHBOURS: "prodsim neighbours (or prodsim run)", INDEX: "prodsim neighbours (or prodsim run)",
+              INDEX_MEMBERS: "prodsim neighbours (or prodsim run)",
               SEARCH: "prodsim search", GROUPS: "prodsim group (or prodsim run)"}
 
 
@@ -56,6 +60,7 @@ class RunTables:
     embeddings = property(lambda self: self.path(EMBEDDINGS), doc="<output>/embeddings")
     neighbours = property(lambda self: self.path(NEIGHBOURS), doc="<output>/neighbours")
     index = property(lambda self: self.path(INDEX), doc="<output>/index")
+    index_members = property(lambda self: self.path(INDEX_MEMBERS), doc="<output>/index_members")
     search = property(lambda self: self.path(SEARCH), doc="<output>/search")
     groups = property(lambda self: self.path(GROUPS), doc="<output>/groups")
     report_html = property(lambda self: self.path(REPORT_HTML), doc="<output>/report.html")

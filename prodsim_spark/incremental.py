@@ -1,0 +1,204 @@
+"""Incremental neighbours: a re-run over the previous run's cells re-scores only what changed.
+
+A product's list in a full join is the top k over the members of its home cell (the products that
+store a copy there: the home is one of their ``join.spill`` nearest cells). Given the previous lists,
+each product's input hash (vectors and attributes) and the same centroids, after products were
+added, changed or removed:
+
+* *rescored*: added and changed products, and unchanged products whose list held a changed or removed
+  product, get a complete list: every member of their home cell is scored again;
+* every other product keeps its list, merged with the added and changed products that now store a
+  copy in its home cell: its old list is the top k of the old members, which are all still there and
+  unchanged, so the merged top k is what a full join would give;
+* removed products leave every list (only rescored products listed them).
+
+So the result equals a full join on the same cells (a test checks it). One scan of the products does
+all the scoring: the rescored and the new products are broadcast to the executors, grouped by cell,
+and nothing of the catalog is shuffled except the candidates. The broadcast is the limit: it holds
+the changed share of the catalog (``join.incremental.max_changed_share`` bounds it; above it, and
+when the cells have drifted, the neighbours stage plans new cells instead: see
+:func:`drift_reasons`).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from prodsim_spark import fusion
+from prodsim_spark.config import JoinSettings
+from prodsim_spark.join import LISTS_SCHEMA, NEIGHBOUR, products_from_columns, standard_columns
+
+log = logging.getLogger(__name__)
+
+STATE_SCHEMA = T.StructType([T.StructField("product_id", T.StringType()), T.StructField("input_hash", T.LongType()),
+                             T.StructField("home", T.LongType())])
+
+
+def input_state(products: DataFrame, centroids: np.ndarray, weights, dims: dict[str, int]) -> DataFrame:
+    """(product_id, input_hash, home) of every product: a hash of everything the join reads of it
+    (vectors, attributes, which of them are missing) and its home cell."""
+    products = standard_columns(products)
+    cols = [c for c in products.columns if c != "product_id"]
+    hashed = products.select("product_id", F.xxhash64(*cols, F.array(*[F.col(c).isNull() for c in cols])).alias("input_hash"),
+                             *cols)
+
+    def home(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for pdf in batches:
+            p = products_from_columns(pdf, dims)
+            cell = fusion.nearest_cells(fusion.fused_dense(p, weights), centroids, 1)[:, 0]
+            yield pd.DataFrame({"product_id": pdf["product_id"], "input_hash": pdf["input_hash"],
+                                "home": cell.astype(np.int64)})
+
+    return hashed.mapInPandas(home, STATE_SCHEMA)
+
+
+@dataclass
+class Changes:
+    """What changed since the previous state: ids (driver lists: a small share of the catalog)."""
+
+    new: list[str]        # added or changed: their new version is routed and gets a complete list
+    removed: list[str]    # gone from the products
+    rescored: list[str]   # unchanged, but their old list held a changed or removed product
+    products: int         # products now
+
+    @property
+    def changed(self) -> int:
+        return len(self.new) + len(self.removed)
+
+
+def find_changes(state: DataFrame, previous_state: DataFrame, previous_lists: DataFrame) -> Changes:
+    old = previous_state.select("product_id", F.col("input_hash").alias("old_hash"))
+    both = state.select("product_id", "input_hash").join(old, "product_id", "full")
+    rows = both.where(F.col("old_hash").isNull() | F.col("input_hash").isNull()
+                      | (F.col("input_hash") != F.col("old_hash"))).collect()
+    new = sorted(r["product_id"] for r in rows if r["input_hash"] is not None)
+    removed = sorted(r["product_id"] for r in rows if r["input_hash"] is None)
+    existed = {r["product_id"] for r in rows if r["old_hash"] is not None}
+    lost = sorted(existed)  # changed or removed: their old version leaves every list
+    spark = state.sparkSession
+    rescored: list[str] = []
+    if lost:
+        lost_ids = spark.createDataFrame([(i,) for i in lost], "lost string")
+        listed = (previous_lists.select("product_id", F.explode("neighbours.product_id").alias("lost"))
+                  .join(F.broadcast(lost_ids), "lost", "left_semi").select("product_id").distinct())
+        live = state.select("product_id")
+        rescored = sorted({r["product_id"] for r in listed.join(live, "product_id", "left_semi").collect()}
+                          - set(new))
+    return Changes(new, removed, rescored, state.count())
+
+
+def update_neighbours(products: DataFrame, previous_lists: DataFrame, changes: Changes, centroids: np.ndarray,
+                      dims: dict[str, int], settings: JoinSettings, several_sources: bool) -> DataFrame:
+    """(product_id, neighbours) of the products whose list is new or may have changed (see the module
+    docstring); every other product's list stands. ``products`` as :func:`join.find_neighbours` takes."""
+    spark = products.sparkSession
+    products = standard_columns(products)
+    weights, k, spill, scale = settings.weights, settings.k, settings.spill, settings.price_scale
+    penalty = settings.same_source_penalty if several_sources else 0.0
+    hard = settings.category_mode == "hard"
+    queries_ids = changes.new + changes.rescored
+    if not queries_ids:
+        return spark.createDataFrame([], T.StructType([T.StructField("product_id", T.StringType()),
+                                                        T.StructField("neighbours", T.ArrayType(NEIGHBOUR))]))
+    rows = products.join(F.broadcast(spark.createDataFrame([(i,) for i in queries_ids], "product_id string")),
+                         "product_id", "left_semi").toPandas()
+    q = products_from_columns(rows, dims)
+    q_cells = fusion.nearest_cells(fusion.fused_dense(q, weights), centroids, spill)
+    is_new = np.isin(q.ids, np.array(changes.new, dtype=object))
+    # queries by home cell (complete lists), new members by every cell they store a copy in
+    q_by_home = {int(c): np.flatnonzero(q_cells[:, 0] == c) for c in np.unique(q_cells[:, 0])}
+    m_by_cell = {int(c): np.flatnonzero(is_new & (q_cells == c).any(axis=1)) for c in np.unique(q_cells[is_new])}
+    shared = spark.sparkContext.broadcast({"q": q, "q_by_home": q_by_home, "m_by_cell": m_by_cell,
+                                           "queries": set(queries_ids)})
+    log.info("[join] incremental: %d new or changed, %d removed, %d unchanged products rescored; %d cells touched",
+             len(changes.new), len(changes.removed), len(changes.rescored), len(set(q_by_home) | set(m_by_cell)))
+
+    def scores(a: fusion.Products, b: fusion.Products):
+        score, parts = fusion.pair_scores(a, b, weights, price_scale=scale, same_source_penalty=penalty)
+        if hard:  # as the full join's (cell, category) groups
+            score = np.where(a.category[:, None] == b.category[None, :], score, np.nan)
+        return score, parts
+
+    def emit(out: dict, a: fusion.Products, b: fusion.Products) -> None:
+        score, parts = scores(a, b)
+        r, c = fusion.top_k(score, a.ids, b.ids, k)
+        bounds = np.searchsorted(r, np.arange(len(a) + 1))
+        values = {"product_id": b.ids[c], "score": score[r, c],
+                  **{f: parts[f][r, c] if f in parts else np.zeros(len(r), np.float32) for f in fusion.PARTS}}
+        out["product_id"].extend(a.ids)
+        for name, v in values.items():
+            out[f"n_{name}"].extend(np.split(v, bounds[1:-1]))
+
+    def scan(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        s = shared.value
+        q_all, queries = s["q"], s["queries"]
+        for pdf in batches:
+            p = products_from_columns(pdf, dims)
+            cells = fusion.nearest_cells(fusion.fused_dense(p, weights), centroids, spill)
+            out: dict[str, list] = {f: [] for f in LISTS_SCHEMA.fieldNames()}
+            # complete lists: a query against every member of its home cell found in this batch
+            for cell, idx in s["q_by_home"].items():
+                members = np.flatnonzero((cells == cell).any(axis=1))
+                if len(members):
+                    emit(out, q_all.take(idx), p.take(members))
+            # kept lists: an unchanged product against the new members that store a copy in its home
+            kept = ~np.isin(p.ids, np.array(list(queries), dtype=object))
+            for cell, idx in s["m_by_cell"].items():
+                homed = np.flatnonzero(kept & (cells[:, 0] == cell))
+                if len(homed):
+                    emit(out, p.take(homed), q_all.take(idx))
+            yield pd.DataFrame({f: pd.Series(out[f], dtype=object) for f in LISTS_SCHEMA.fieldNames()})
+
+    candidates = products.mapInPandas(scan, LISTS_SCHEMA).select(
+        "product_id", F.explode(F.arrays_zip(*[F.col(f"n_{f}").alias(f) for f in NEIGHBOUR.fieldNames()])).alias("n"))
+    # kept lists take their old entries too (none of them changed or removed: else they'd be rescored)
+    query_ids = spark.createDataFrame([(i,) for i in queries_ids], "product_id string")
+    old = (previous_lists.join(F.broadcast(query_ids), "product_id", "left_anti")
+           .join(candidates.select("product_id").distinct(), "product_id", "left_semi")
+           .select("product_id", F.explode("neighbours").alias("n")))
+    entry = F.struct(*[F.col(f"n.{f}").cast(NEIGHBOUR[f].dataType).alias(f) for f in NEIGHBOUR.fieldNames()])
+    ranked = (candidates.select("product_id", entry.alias("n")).unionByName(old.select("product_id", entry.alias("n")))
+              .groupBy("product_id")
+              .agg(F.sort_array(F.collect_list(F.struct((-F.col("n.score")).alias("key"), F.col("n.product_id").alias("id"),
+                                                        F.col("n").alias("n")))).alias("ranked")))
+    found = ranked.select("product_id", F.transform(F.slice("ranked", 1, k), lambda e: e["n"]).alias("neighbours"))
+    # a query with no member in any batch (alone in its cell) still gets its (empty) list
+    alone = query_ids.join(found, "product_id", "left_anti").join(
+        products.select("product_id"), "product_id", "left_semi").select(
+        "product_id", F.array().cast(T.ArrayType(NEIGHBOUR)).alias("neighbours"))
+    return found.unionByName(alone)
+
+
+def merge_lists(previous_lists: DataFrame, updated: DataFrame, removed: list[str]) -> DataFrame:
+    """Every product's list after an update: the updated ones, the others as they were, the removed gone."""
+    spark = updated.sparkSession
+    gone = spark.createDataFrame([(i,) for i in removed], "product_id string")
+    kept = (previous_lists.select("product_id", "neighbours")
+            .join(updated.select("product_id"), "product_id", "left_anti")
+            .join(F.broadcast(gone), "product_id", "left_anti"))
+    return kept.unionByName(updated.select("product_id", "neighbours"))
+
+
+def drift_reasons(changes: Changes, state: DataFrame, built_products: int, changed_since_build: int,
+                  settings: JoinSettings) -> list[str]:
+    """Why the cells should be planned again (empty: they still fit). Two measures, both in the
+    README: the share of products added, changed or removed since the cells were planned (their
+    centroids describe an older catalog), and the largest cell's home count against
+    ``join.max_block_size`` (new products crowding one cell make one slow task)."""
+    reasons = []
+    share = (changed_since_build + changes.changed) / max(1, built_products)
+    limit = settings.max_changed_share
+    if share > limit:
+        reasons.append(f"{share:.1%} of the products changed since the cells were planned "
+                       f"(join.incremental.max_changed_share {limit:g})")
+    largest = state.groupBy("home").count().agg(F.max("count")).first()[0] or 0
+    if largest > settings.max_block_size:
+        reasons.append(f"the largest cell holds {largest} products, over join.max_block_size {settings.max_block_size}")
+    return reasons
