@@ -48,7 +48,7 @@ def test_an_incremental_run_equals_a_full_join_on_the_same_cells(spark, sample_r
     edited[150]["price"] = "99.0"  # changed attribute only
     added = [{**rows[200], "product_id": "NEW1", "title": rows[200]["title"] + " organic"},
              {**rows[201], "product_id": "NEW2", "title": "store brand " + rows[201]["title"]}]
-    config = load_config(overrides=SETTINGS)
+    config = load_config(overrides=SETTINGS + ["join.incremental=true"])
     second = pipeline.run_pipeline(spark, write_catalog(edited + added, tmp_path / "v2.csv"), str(out), config)
     assert second.incremental["new_or_changed"] == 6 and second.incremental["removed"] == 3
     assert 0 < second.incremental["rescored_unchanged"] < 300
@@ -75,5 +75,5 @@ def test_an_incremental_run_equals_a_full_join_on_the_same_cells(spark, sample_r
 
     # a change of the join's settings plans new cells (and says why)
     third = pipeline.run_pipeline(spark, write_catalog(edited + added, tmp_path / "v2.csv"), str(out),
-                                  load_config(overrides=SETTINGS + ["join.spill=2"]))
+                                  load_config(overrides=SETTINGS + ["join.incremental=true", "join.spill=2"]))
     assert not third.incremental
