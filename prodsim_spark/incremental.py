@@ -136,28 +136,46 @@ def update_neighbours(products: DataFrame, previous_lists: DataFrame, changes: C
         for name, v in values.items():
             out[f"n_{name}"].extend(np.split(v, bounds[1:-1]))
 
+    def blocks(batches: Iterator[pd.DataFrame], rows: int = 50_000) -> Iterator[pd.DataFrame]:
+        # whole partitions (up to `rows`) at a time: the per-cell loop below runs once per block
+        pending, size = [], 0
+        for pdf in batches:
+            pending.append(pdf)
+            size += len(pdf)
+            if size >= rows:
+                yield pd.concat(pending, ignore_index=True)
+                pending, size = [], 0
+        if pending:
+            yield pd.concat(pending, ignore_index=True)
+
     def scan(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         s = shared.value
-        q_all, queries = s["q"], s["queries"]
-        for pdf in batches:
+        q_all, queries = s["q"], np.array(sorted(s["queries"]), dtype=object)
+        for pdf in blocks(batches):
             p = products_from_columns(pdf, dims)
             cells = fusion.nearest_cells(fusion.fused_dense(p, weights), centroids, spill)
+            # the rows storing a copy in each cell, and the rows homed there, by one sort each
+            flat = cells.reshape(-1)
+            order = np.argsort(flat, kind="stable")
+            stored = np.split(order // spill, np.searchsorted(flat[order], np.arange(1, len(centroids))))
+            kept = ~np.isin(p.ids, queries)
+            home_order = np.argsort(cells[:, 0], kind="stable")
+            homed = np.split(home_order, np.searchsorted(cells[home_order, 0], np.arange(1, len(centroids))))
             out: dict[str, list] = {f: [] for f in LISTS_SCHEMA.fieldNames()}
-            # complete lists: a query against every member of its home cell found in this batch
+            # complete lists: a query against every member of its home cell found in this block
             for cell, idx in s["q_by_home"].items():
-                members = np.flatnonzero((cells == cell).any(axis=1))
-                if len(members):
-                    emit(out, q_all.take(idx), p.take(members))
+                if len(stored[cell]):
+                    emit(out, q_all.take(idx), p.take(stored[cell]))
             # kept lists: an unchanged product against the new members that store a copy in its home
-            kept = ~np.isin(p.ids, np.array(list(queries), dtype=object))
             for cell, idx in s["m_by_cell"].items():
-                homed = np.flatnonzero(kept & (cells[:, 0] == cell))
-                if len(homed):
-                    emit(out, p.take(homed), q_all.take(idx))
+                rows = homed[cell][kept[homed[cell]]]
+                if len(rows):
+                    emit(out, p.take(rows), q_all.take(idx))
             yield pd.DataFrame({f: pd.Series(out[f], dtype=object) for f in LISTS_SCHEMA.fieldNames()})
 
     candidates = products.mapInPandas(scan, LISTS_SCHEMA).select(
-        "product_id", F.explode(F.arrays_zip(*[F.col(f"n_{f}").alias(f) for f in NEIGHBOUR.fieldNames()])).alias("n"))
+        "product_id", F.explode(F.arrays_zip(*[F.col(f"n_{f}").alias(f) for f in NEIGHBOUR.fieldNames()])).alias("n")
+    ).persist()  # read three times below: the scan runs once
     # kept lists take their old entries too (none of them changed or removed: else they'd be rescored)
     query_ids = spark.createDataFrame([(i,) for i in queries_ids], "product_id string")
     old = (previous_lists.join(F.broadcast(query_ids), "product_id", "left_anti")
@@ -173,7 +191,10 @@ def update_neighbours(products: DataFrame, previous_lists: DataFrame, changes: C
     alone = query_ids.join(found, "product_id", "left_anti").join(
         products.select("product_id"), "product_id", "left_semi").select(
         "product_id", F.array().cast(T.ArrayType(NEIGHBOUR)).alias("neighbours"))
-    return found.unionByName(alone)
+    result = found.unionByName(alone).persist()
+    result.count()
+    candidates.unpersist()
+    return result
 
 
 def merge_lists(previous_lists: DataFrame, updated: DataFrame, removed: list[str]) -> DataFrame:
