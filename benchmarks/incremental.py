@@ -75,7 +75,8 @@ def bench_incremental(spark, config: ProdsimConfig, *, n: int = 400_000, changed
     started = time.perf_counter()
     cells = join.plan_cells(day_one, settings)
     io.write_delta(join.find_neighbours(day_one, settings, cells), lists_path)
-    io.write_delta(incremental.input_state(day_one, cells.centroids, settings.weights, cells.shape.dims), members_path)
+    io.write_delta(incremental.input_state(day_one, cells.centroids, settings.weights, cells.shape.dims,
+                                           settings.spill), members_path)
     day_one_s = time.perf_counter() - started
     log.info("[bench incremental] day 1: %d products, %d cells, %.1f s", n, len(cells.centroids), day_one_s)
 
@@ -85,10 +86,12 @@ def bench_incremental(spark, config: ProdsimConfig, *, n: int = 400_000, changed
     shape = join.input_shape(products)
 
     started = time.perf_counter()
-    state = incremental.input_state(products, cells.centroids, settings.weights, shape.dims).persist()
+    previous_state = io.read_delta(spark, members_path)
+    state = incremental.input_state(products, cells.centroids, settings.weights, shape.dims, settings.spill,
+                                    previous_state).persist()
     old_lists = io.read_delta(spark, lists_path)
-    changes = incremental.find_changes(state, io.read_delta(spark, members_path), old_lists)
-    updated = incremental.update_neighbours(products, old_lists, changes, cells.centroids, shape.dims, settings,
+    changes = incremental.find_changes(state, previous_state, old_lists)
+    updated = incremental.update_neighbours(products, state, old_lists, changes, cells.centroids, shape.dims, settings,
                                             shape.several_sources).persist()
     updated.count()
     io.merge_table(incremental.merge_lists(old_lists, updated, changes.removed), lists_path, keys=("product_id",))

@@ -252,12 +252,34 @@ def train_cells(sample: np.ndarray, n_total: int, *, block_size: int, max_block_
     return centroids
 
 
-def nearest_cells(x: np.ndarray, centroids: np.ndarray, count: int) -> np.ndarray:
-    """(n, count) cell indices, nearest first (column 0 is the home cell)."""
+def nearest_cells(x: np.ndarray, centroids: np.ndarray, count: int, chunk: int = 512) -> np.ndarray:
+    """(n, count) cell indices, nearest first (column 0 is the home cell), ties by cell index.
+
+    A row's cells do not depend on the rows routed with it: a float32 matrix product can differ in
+    its last bits with the shape of the batch around a row (BLAS picks kernels by shape), which would
+    move products near a cell border between runs, and an incremental run must find each unchanged
+    product where the full join put it. So the float32 product only shortlists ``count + 2`` cells,
+    and those are ranked by float64 dot products computed row by row."""
+    n, cells = len(x), centroids.shape[0]
+    count = min(count, cells)
+    if n == 0:
+        return np.zeros((0, count), dtype=np.int64)
     sims = x @ centroids.T
-    count = min(count, centroids.shape[0])
-    if count == centroids.shape[0]:
-        return np.argsort(-sims, axis=1)
-    part = np.argpartition(-sims, count - 1, axis=1)[:, :count]
-    order = np.argsort(-np.take_along_axis(sims, part, axis=1), axis=1)
-    return np.take_along_axis(part, order, axis=1)
+    pool = min(cells, count + 2)
+    if pool == cells:
+        shortlist = np.broadcast_to(np.arange(cells), (n, cells))
+    elif pool <= 16:  # a few argmax passes: ~30x faster than argpartition over hundreds of cells
+        shortlist = np.empty((n, pool), dtype=np.int64)
+        rows = np.arange(n)
+        for i in range(pool):
+            shortlist[:, i] = np.argmax(sims, axis=1)
+            sims[rows, shortlist[:, i]] = -np.inf
+    else:
+        shortlist = np.argpartition(-sims, pool - 1, axis=1)[:, :pool]
+    exact = np.empty(shortlist.shape, dtype=np.float64)
+    c64 = centroids.astype(np.float64)
+    for start in range(0, n, chunk):  # bounds the (chunk, pool, d) float64 gather
+        rows = slice(start, start + chunk)
+        exact[rows] = np.einsum("nd,ncd->nc", x[rows].astype(np.float64), c64[shortlist[rows]])
+    order = np.lexsort((shortlist, -exact), axis=1)[:, :count]
+    return np.take_along_axis(shortlist, order, axis=1).astype(np.int64)

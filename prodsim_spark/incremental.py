@@ -38,25 +38,37 @@ from prodsim_spark.join import LISTS_SCHEMA, NEIGHBOUR, products_from_columns, s
 log = logging.getLogger(__name__)
 
 STATE_SCHEMA = T.StructType([T.StructField("product_id", T.StringType()), T.StructField("input_hash", T.LongType()),
-                             T.StructField("home", T.LongType())])
+                             T.StructField("home", T.LongType()), T.StructField("cells", T.ArrayType(T.LongType()))])
 
 
-def input_state(products: DataFrame, centroids: np.ndarray, weights, dims: dict[str, int]) -> DataFrame:
-    """(product_id, input_hash, home) of every product: a hash of everything the join reads of it
-    (vectors, attributes, which of them are missing) and its home cell."""
+def input_state(products: DataFrame, centroids: np.ndarray, weights, dims: dict[str, int], spill: int,
+                previous: DataFrame | None = None) -> DataFrame:
+    """(product_id, input_hash, home, cells) of every product: a hash of everything the join reads of
+    it (vectors, attributes, which of them are missing), its ``spill`` nearest cells and the nearest,
+    its home. With the ``previous`` state over the same centroids, a product whose hash did not change
+    keeps its cells and only the others are routed (routing compares every product with every cell:
+    the largest cost of a re-run that re-routed all)."""
     products = standard_columns(products)
     cols = [c for c in products.columns if c != "product_id"]
     hashed = products.select("product_id", F.xxhash64(*cols, F.array(*[F.col(c).isNull() for c in cols])).alias("input_hash"),
                              *cols)
 
-    def home(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    def route(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
             p = products_from_columns(pdf, dims)
-            cell = fusion.nearest_cells(fusion.fused_dense(p, weights), centroids, 1)[:, 0]
+            cells = fusion.nearest_cells(fusion.fused_dense(p, weights), centroids, spill)
             yield pd.DataFrame({"product_id": pdf["product_id"], "input_hash": pdf["input_hash"],
-                                "home": cell.astype(np.int64)})
+                                "home": cells[:, 0], "cells": list(cells)})
 
-    return hashed.mapInPandas(home, STATE_SCHEMA)
+    if previous is None or "cells" not in previous.columns:
+        return hashed.mapInPandas(route, STATE_SCHEMA)
+    old = previous.select("product_id", F.col("input_hash").alias("old_hash"), F.col("home").alias("old_home"),
+                          F.col("cells").alias("old_cells"))
+    both = hashed.join(old, "product_id", "left")
+    same = F.coalesce((F.col("old_hash") == F.col("input_hash")) & (F.size("old_cells") == spill), F.lit(False))
+    kept = both.where(same).select("product_id", "input_hash", F.col("old_home").alias("home"),
+                                   F.col("old_cells").alias("cells"))
+    return kept.unionByName(both.where(~same).select("product_id", "input_hash", *cols).mapInPandas(route, STATE_SCHEMA))
 
 
 @dataclass
@@ -94,12 +106,14 @@ def find_changes(state: DataFrame, previous_state: DataFrame, previous_lists: Da
     return Changes(new, removed, rescored, state.count())
 
 
-def update_neighbours(products: DataFrame, previous_lists: DataFrame, changes: Changes, centroids: np.ndarray,
-                      dims: dict[str, int], settings: JoinSettings, several_sources: bool) -> DataFrame:
+def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: DataFrame, changes: Changes,
+                      centroids: np.ndarray, dims: dict[str, int], settings: JoinSettings, several_sources: bool
+                      ) -> DataFrame:
     """(product_id, neighbours) of the products whose list is new or may have changed (see the module
-    docstring); every other product's list stands. ``products`` as :func:`join.find_neighbours` takes."""
+    docstring); every other product's list stands. ``products`` as :func:`join.find_neighbours` takes;
+    ``state`` from :func:`input_state` over them (each product's cells: nothing is routed again)."""
     spark = products.sparkSession
-    products = standard_columns(products)
+    products = standard_columns(products).join(state.select("product_id", "cells"), "product_id")
     weights, k, spill, scale = settings.weights, settings.k, settings.spill, settings.price_scale
     penalty = settings.same_source_penalty if several_sources else 0.0
     hard = settings.category_mode == "hard"
@@ -110,7 +124,7 @@ def update_neighbours(products: DataFrame, previous_lists: DataFrame, changes: C
     rows = products.join(F.broadcast(spark.createDataFrame([(i,) for i in queries_ids], "product_id string")),
                          "product_id", "left_semi").toPandas()
     q = products_from_columns(rows, dims)
-    q_cells = fusion.nearest_cells(fusion.fused_dense(q, weights), centroids, spill)
+    q_cells = np.stack(rows["cells"].to_numpy()) if len(rows) else np.zeros((0, spill), dtype=np.int64)
     is_new = np.isin(q.ids, np.array(changes.new, dtype=object))
     # queries by home cell (complete lists), new members by every cell they store a copy in
     q_by_home = {int(c): np.flatnonzero(q_cells[:, 0] == c) for c in np.unique(q_cells[:, 0])}
@@ -152,8 +166,10 @@ def update_neighbours(products: DataFrame, previous_lists: DataFrame, changes: C
         s = shared.value
         q_all, queries = s["q"], np.array(sorted(s["queries"]), dtype=object)
         for pdf in blocks(batches):
+            if not len(pdf):
+                continue
             p = products_from_columns(pdf, dims)
-            cells = fusion.nearest_cells(fusion.fused_dense(p, weights), centroids, spill)
+            cells = np.stack(pdf["cells"].to_numpy())
             # the rows storing a copy in each cell, and the rows homed there, by one sort each
             flat = cells.reshape(-1)
             order = np.argsort(flat, kind="stable")

@@ -157,7 +157,8 @@ def run_join(spark: SparkSession, output: str, config: ProdsimConfig, result: Ru
         if previous is not None:
             products = join_products(catalog, embeddings, config, with_lexical=with_lexical, idf=previous.idf)
             shape = join.input_shape(products)
-            state = incremental.input_state(products, previous.centroids, config.join.weights, shape.dims).persist()
+            state = incremental.input_state(products, previous.centroids, config.join.weights, shape.dims,
+                                            config.join.spill, tables.read(spark, INDEX_MEMBERS)).persist()
             old_lists = (tables.read(spark, NEIGHBOURS).where(F.col("status") != "rejected")
                          .join(tables.read(spark, INDEX_MEMBERS).select("product_id"), "product_id", "left_semi")
                          .select("product_id", "neighbours"))
@@ -171,8 +172,8 @@ def run_join(spark: SparkSession, output: str, config: ProdsimConfig, result: Ru
                 state.unpersist()
                 state = None
             else:
-                updated = incremental.update_neighbours(products, old_lists, changes, previous.centroids, shape.dims,
-                                                        config.join, shape.several_sources).persist()
+                updated = incremental.update_neighbours(products, state, old_lists, changes, previous.centroids,
+                                                        shape.dims, config.join, shape.several_sources).persist()
                 updated.count()  # scored once, before the MERGE (which reads its source twice)
                 found = incremental.merge_lists(old_lists, updated, changes.removed)
                 io.merge_table(join.neighbours_table(catalog, found, embeddings), path)
@@ -195,7 +196,8 @@ def run_join(spark: SparkSession, output: str, config: ProdsimConfig, result: Ru
             io.write_delta(join.neighbours_table(catalog, found, embeddings), path)
             built = index.build_index(cells.centroids, idf, cells.shape.dims, config, *encoder_ids(embeddings),
                                       several_sources=cells.shape.several_sources, products=cells.shape.count)
-            state = incremental.input_state(products, cells.centroids, config.join.weights, cells.shape.dims)
+            state = incremental.input_state(products, cells.centroids, config.join.weights, cells.shape.dims,
+                                            config.join.spill)
         io.write_delta(state, tables.index_members)
         io.write_delta(index.index_rows(spark, built), tables.index)
         products.unpersist()

@@ -109,6 +109,21 @@ def test_nearest_cells_sorted():
     c = np.eye(3, dtype=np.float32)
     x = np.array([[0.1, 0.9, 0.3]], dtype=np.float32)
     assert list(fusion.nearest_cells(x, c, 2)[0]) == [1, 2]
+    assert list(fusion.nearest_cells(x, np.vstack([c, c[1:2]]), 2)[0]) == [1, 3]  # a tie: lower cell first
+
+
+def test_a_products_cells_do_not_depend_on_its_batch():
+    """An incremental run finds each unchanged product in the cells the full join put it in, though
+    Spark hands it to the router with other rows around it."""
+    rng = np.random.default_rng(3)
+    x = clustered(6000, 64, 40, rng)
+    centroids = fusion.train_cells(x, len(x), block_size=50, max_block_size=200, iterations=4, seed=0)
+    whole = fusion.nearest_cells(x, centroids, 3)
+    for size in (1, 7, 1000):
+        parts = np.concatenate([fusion.nearest_cells(x[i:i + size], centroids, 3) for i in range(0, 600, size)])
+        assert (parts == whole[:len(parts)]).all(), size
+    exact = np.argsort(-(x.astype(np.float64) @ centroids.T.astype(np.float64)), axis=1, kind="stable")[:, :3]
+    assert (whole == exact).mean() > 0.999
 
 
 def test_a_pair_with_no_shared_content_is_never_listed():
