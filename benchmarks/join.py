@@ -66,8 +66,10 @@ def synthetic_products(spark, n: int, d: int, seed: int = 7):
     return synthetic_frame(spark, n, "product_id", "p", lambda lo, hi: clustered_vectors(lo, hi, d, seed, n))
 
 
-def exact_top_k(x: np.ndarray, query_rows: np.ndarray, k: int, block: int = 512) -> np.ndarray:
-    """Exact top-k (self excluded) of the given rows against all of x, by blocked matrix multiply."""
+def exact_top_k(x: np.ndarray, query_rows: np.ndarray, k: int, block: int | None = None) -> np.ndarray:
+    """Exact top-k (self excluded) of the given rows against all of x, by blocked matrix multiply
+    (blocks of about 100M scores: 400 MB, whatever N)."""
+    block = block or max(16, min(512, 100_000_000 // max(1, len(x))))
     out = np.empty((len(query_rows), k), dtype=np.int64)
     for s in range(0, len(query_rows), block):
         rows = query_rows[s:s + block]
@@ -190,8 +192,8 @@ def bench_join(spark, config: ProdsimConfig, *, n: int, d: int = 384, sample: in
     return out
 
 
-def bench_scaling(spark, config: ProdsimConfig, sizes=(50_000, 100_000, 200_000, 400_000)) -> dict:
-    runs = [bench_join(spark, config, n=n, sample=500, mllib=False, repeats=1) for n in sizes]
+def bench_scaling(spark, config: ProdsimConfig, sizes=(50_000, 100_000, 200_000, 400_000), sample: int = 500) -> dict:
+    runs = [bench_join(spark, config, n=n, sample=min(sample, 500), mllib=False, repeats=1) for n in sorted(sizes)]
     t = np.log([r["ours_s"] for r in runs])
-    exponent = float(np.polyfit(np.log(sizes), t, 1)[0])
+    exponent = float(np.polyfit(np.log(sorted(sizes)), t, 1)[0])
     return {"runs": runs, "scaling_exponent": round(exponent, 3)}

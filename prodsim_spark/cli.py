@@ -23,6 +23,17 @@ _EXIT_USAGE = 2
 _FLAG_KEYS = {"format": "ingest.format", "k": "join.k", "threshold": "group.threshold"}
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    """``--sizes``: catalog sizes, comma-separated, at least two (an exponent needs two points)."""
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 100000,400000, got {text!r}") from None
+    if len(sizes) < 2 or min(sizes) < 1000:
+        raise argparse.ArgumentTypeError(f"expected two or more sizes of at least 1000, got {text!r}")
+    return sizes
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conf", action="append", default=[], metavar="FILE",
                         help="YAML config file layered over the defaults (conf/default.yaml); repeatable")
@@ -115,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     b_join.add_argument("--mllib-tables", type=int, default=4)
     b_join.add_argument("--repeats", type=int, default=3, help="runs of ours; the median is reported")
     b_join.add_argument("--scaling", action="store_true",
-                        help="run ours at N = 50k, 100k, 200k, 400k and fit the exponent of time vs N")
+                        help="run ours at each of --sizes and fit the exponent of time vs N")
+    b_join.add_argument("--sizes", type=_sizes, default=(50_000, 100_000, 200_000, 400_000), metavar="N,N,...",
+                        help="--scaling: the catalog sizes (default 50000,100000,200000,400000)")
     b_join.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_config_args(b_join)
     b_quality = bench_sub.add_parser(
@@ -485,7 +498,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from benchmarks import join as bench_join
 
         if args.scaling:
-            result = bench_join.bench_scaling(spark, config)
+            result = bench_join.bench_scaling(spark, config, sizes=args.sizes, sample=args.sample)
         else:
             mllib = {"auto": None, "yes": True, "no": False}[args.mllib]
             result = bench_join.bench_join(spark, config, n=args.n, d=args.d, sample=args.sample, mllib=mllib,

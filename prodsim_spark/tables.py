@@ -6,7 +6,7 @@ A run writes Delta tables under one output folder (``--output``)::
     <output>/embeddings   text and image vectors per product, incremental  (embed)
     <output>/neighbours   per catalog row, its K most similar products     (neighbours)
     <output>/index        the join's IVF cells and what they were built with (neighbours)
-    <output>/index_members per product: a hash of its join inputs and its home cell (neighbours; what
+    <output>/index_members per product: a hash of its join inputs, its cells and home (neighbours; what
                           an incremental re-run compares)
     <output>/search       per query, the products that answer it           (search)
     <output>/groups       per catalog row, its group of listings of one product (group)
