@@ -240,6 +240,11 @@ class JoinSettings(_Section):
     spill: int = Field(default=3, ge=1)
     """Cells each product is stored in (its nearest ones); it is searched from its home cell. Larger:
     higher recall; shuffle and scoring work grow about linearly."""
+    exact_max_products: int = Field(default=10000, ge=0)
+    """Catalogs of at most this many products are joined exactly: at most ``spill`` cells, so every
+    product is stored in every cell (N x N comparisons, still split over the cells' tasks). Blocking
+    buys time only on larger catalogs, and on small real ones it costs recall (Amazon-Google, 4.6k
+    products: fused R@1 0.782 with 10 cells of 500, see docs/benchmarks.md). 0: always block."""
     sample_size: int = Field(default=50000, ge=10)
     """Products sampled to the driver to train the first centroids. Larger: better first centroids,
     more driver memory (sample x dims floats) and k-means time (sample x cells x dims per iteration)."""

@@ -224,16 +224,19 @@ def update_centroids(centroids: np.ndarray, sums: np.ndarray) -> np.ndarray:
 
 
 def train_cells(sample: np.ndarray, n_total: int, *, block_size: int, max_block_size: int,
-                iterations: int, seed: int) -> np.ndarray:
+                iterations: int, seed: int, max_cells: int | None = None) -> np.ndarray:
     """Centroids such that no cell is expected to hold more than max_block_size products.
 
     k = n_total / block_size cells from a k-means on the sample; a cell whose share of the sample
     predicts more than max_block_size products (a skewed catalog) is split by a k-means of its own
-    members, so one dense region cannot make one giant block that stalls a task.
+    members, so one dense region cannot make one giant block that stalls a task. With ``max_cells``
+    (an exact join: every product is stored in every cell), at most that many cells and no split.
     """
     if len(sample) == 0:
         return np.zeros((1, sample.shape[1] if sample.ndim == 2 else 1), dtype=np.float32)
     k = int(np.ceil(n_total / block_size))
+    if max_cells is not None:
+        return kmeans(sample, max(1, min(k, max_cells)), iterations=iterations, seed=seed)
     centroids = kmeans(sample, k, iterations=iterations, seed=seed)
     scale = n_total / len(sample)
     for _ in range(3):  # a few rounds: a split cell can itself be too big

@@ -33,9 +33,13 @@ from pyspark.sql import types as T
 
 from prodsim_spark import fusion
 from prodsim_spark.config import JoinSettings
-from prodsim_spark.join import LISTS_SCHEMA, NEIGHBOUR, products_from_columns, standard_columns
+from prodsim_spark.join import LISTS_SCHEMA, NEIGHBOUR, is_exact, products_from_columns, standard_columns
 
 log = logging.getLogger(__name__)
+
+# A state of at most this many rows (~50 bytes each) is broadcast to the tasks that read the products,
+# so that the products (vectors) are not shuffled to meet it; a larger one is joined by a shuffle.
+BROADCAST_STATE_ROWS = 1_000_000
 
 STATE_SCHEMA = T.StructType([T.StructField("product_id", T.StringType()), T.StructField("input_hash", T.LongType()),
                              T.StructField("home", T.LongType()), T.StructField("cells", T.ArrayType(T.LongType()))])
@@ -62,13 +66,18 @@ def input_state(products: DataFrame, centroids: np.ndarray, weights, dims: dict[
 
     if previous is None or "cells" not in previous.columns:
         return hashed.mapInPandas(route, STATE_SCHEMA)
-    old = previous.select("product_id", F.col("input_hash").alias("old_hash"), F.col("home").alias("old_home"),
-                          F.col("cells").alias("old_cells"))
+    old = _small(previous.select("product_id", F.col("input_hash").alias("old_hash"), F.col("home").alias("old_home"),
+                                 F.col("cells").alias("old_cells")))
     both = hashed.join(old, "product_id", "left")
     same = F.coalesce((F.col("old_hash") == F.col("input_hash")) & (F.size("old_cells") == spill), F.lit(False))
     kept = both.where(same).select("product_id", "input_hash", F.col("old_home").alias("home"),
                                    F.col("old_cells").alias("cells"))
     return kept.unionByName(both.where(~same).select("product_id", "input_hash", *cols).mapInPandas(route, STATE_SCHEMA))
+
+
+def _small(state: DataFrame) -> DataFrame:
+    """``state`` with a broadcast hint when it is small enough (see BROADCAST_STATE_ROWS)."""
+    return F.broadcast(state) if state.count() <= BROADCAST_STATE_ROWS else state
 
 
 @dataclass
@@ -113,7 +122,7 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
     docstring); every other product's list stands. ``products`` as :func:`join.find_neighbours` takes;
     ``state`` from :func:`input_state` over them (each product's cells: nothing is routed again)."""
     spark = products.sparkSession
-    products = standard_columns(products).join(state.select("product_id", "cells"), "product_id")
+    products = standard_columns(products).join(_small(state.select("product_id", "cells")), "product_id")
     weights, k, spill, scale = settings.weights, settings.k, settings.spill, settings.price_scale
     penalty = settings.same_source_penalty if several_sources else 0.0
     hard = settings.category_mode == "hard"
@@ -228,14 +237,20 @@ def drift_reasons(changes: Changes, state: DataFrame, built_products: int, chang
     """Why the cells should be planned again (empty: they still fit). Two measures, both in the
     README: the share of products added, changed or removed since the cells were planned (their
     centroids describe an older catalog), and the largest cell's home count against
-    ``join.max_block_size`` (new products crowding one cell make one slow task)."""
+    ``join.max_block_size`` (new products crowding one cell make one slow task); and a catalog that
+    grew past ``join.exact_max_products`` (or shrank under it) is planned again."""
     reasons = []
     share = (changed_since_build + changes.changed) / max(1, built_products)
     limit = settings.max_changed_share
     if share > limit:
         reasons.append(f"{share:.1%} of the products changed since the cells were planned "
                        f"(join.incremental.max_changed_share {limit:g})")
-    largest = state.groupBy("home").count().agg(F.max("count")).first()[0] or 0
-    if largest > settings.max_block_size:
-        reasons.append(f"the largest cell holds {largest} products, over join.max_block_size {settings.max_block_size}")
+    if is_exact(built_products, settings) != is_exact(changes.products, settings):
+        reasons.append(f"the catalog crossed join.exact_max_products {settings.exact_max_products} ({built_products} "
+                       f"products when the cells were planned, {changes.products} now)")
+    elif not is_exact(built_products, settings):  # an exact join's cells hold every product anyway
+        largest = state.groupBy("home").count().agg(F.max("count")).first()[0] or 0
+        if largest > settings.max_block_size:
+            reasons.append(f"the largest cell holds {largest} products, over join.max_block_size "
+                           f"{settings.max_block_size}")
     return reasons

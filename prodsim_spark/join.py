@@ -191,6 +191,11 @@ def standard_columns(products: DataFrame) -> DataFrame:
                            "log_price", "source")
 
 
+def is_exact(products: int, settings: JoinSettings) -> bool:
+    """Whether a catalog of this size is joined exactly (``join.exact_max_products``)."""
+    return products <= settings.exact_max_products
+
+
 def plan_cells(products: DataFrame, settings: JoinSettings) -> Cells:
     """Step 1 of the join: centroids from a k-means on a sample (driver), refined over all products."""
     products = standard_columns(products)
@@ -201,14 +206,17 @@ def plan_cells(products: DataFrame, settings: JoinSettings) -> Cells:
         return Cells(np.zeros((1, 1), dtype=np.float32), shape)
     fraction = min(1.0, settings.sample_size / n_total)
     sample = products.sample(fraction=fraction, seed=settings.seed).limit(settings.sample_size).toPandas()
+    exact = is_exact(n_total, settings)  # at most `spill` cells: every product is stored in every one
     centroids = fusion.train_cells(fusion.fused_dense(products_from_columns(sample, dims), settings.weights), n_total,
                                    block_size=settings.block_size, max_block_size=settings.max_block_size,
-                                   iterations=settings.kmeans_iterations, seed=settings.seed)
+                                   iterations=settings.kmeans_iterations, seed=settings.seed,
+                                   max_cells=settings.spill if exact else None)
     # when the sample was every product, its k-means already saw all the data: nothing to refine
     refine = settings.refine_passes if fraction < 1 and len(centroids) > 1 else 0
     centroids = _refine(products, centroids, dims=dims, weights=settings.weights, passes=refine)
-    log.info("[join] %d products, %d cells (block_size %d, max %d), spill %d; planned in %.1f s",
+    log.info("[join] %d products, %d cells (block_size %d, max %d), spill %d%s; planned in %.1f s",
              n_total, len(centroids), settings.block_size, settings.max_block_size, settings.spill,
+             f", exact (join.exact_max_products {settings.exact_max_products})" if exact else "",
              time.perf_counter() - started)
     return Cells(centroids, shape)
 

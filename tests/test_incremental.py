@@ -12,7 +12,7 @@ from prodsim_spark.tables import INDEX, NEIGHBOURS, RunTables
 from conftest import ROOT, SAMPLE_CATALOG
 
 # several cells on the 308-product sample, so that routing and spill matter; groups are not needed here
-SETTINGS = ["join.block_size=40", "join.max_block_size=80", "group.enabled=false",
+SETTINGS = ["join.block_size=40", "join.max_block_size=80", "join.exact_max_products=0", "group.enabled=false",
             f"ingest.image_root={ROOT / 'data' / 'sample'}"]
 
 

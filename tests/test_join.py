@@ -48,10 +48,27 @@ def test_recall_close_to_exact_without_all_pairs(spark, skewed):
     x = centres[rng.choice(clusters, size=n, p=p)] + rng.normal(scale=0.35, size=(n, d))
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     ids = np.array([f"p{i:05d}" for i in range(n)], dtype=object)
-    config = load_config(overrides=TEXT_ONLY + ["join.block_size=250", "join.max_block_size=600", "join.spill=6"])
+    config = load_config(overrides=TEXT_ONLY + ["join.block_size=250", "join.max_block_size=600", "join.spill=6",
+                                                      "join.exact_max_products=0"])
     found = neighbour_ids(join.find_neighbours(frame(spark, ids, x), config.join))
     assert len(found) == n and all(len(v) == 10 for v in found.values())
     assert recall_against_exact(found, x, ids, 10) >= 0.95
+
+
+def test_a_catalog_under_exact_max_products_is_joined_exactly(spark):
+    """Blocking only pays on large catalogs: a small one gets exact lists, even from noisy vectors
+    that small cells would split (here 30 cells of 100 without the rule)."""
+    rng = np.random.default_rng(9)
+    n = 3000
+    x = rng.normal(size=(n, 24)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = np.array([f"p{i:05d}" for i in range(n)], dtype=object)
+    blocked = TEXT_ONLY + ["join.block_size=100", "join.max_block_size=300", "join.exact_max_products=0"]
+    exact = TEXT_ONLY + ["join.block_size=100", "join.max_block_size=300"]
+    assert recall_against_exact(neighbour_ids(join.find_neighbours(frame(spark, ids, x), load_config(
+        overrides=blocked).join)), x, ids, 10) < 0.9
+    assert recall_against_exact(neighbour_ids(join.find_neighbours(frame(spark, ids, x), load_config(
+        overrides=exact).join)), x, ids, 10) >= 0.999  # float ties at the K-th place aside
 
 
 def test_same_source_penalty_only_when_the_catalog_has_several_sources(spark):
