@@ -86,16 +86,29 @@ def bench_incremental(spark, config: ProdsimConfig, *, n: int = 400_000, changed
     shape = join.input_shape(products)
 
     started = time.perf_counter()
+    steps, mark = {}, started
+
+    def step(name: str) -> None:
+        nonlocal mark
+        steps[name] = round(time.perf_counter() - mark, 2)
+        mark = time.perf_counter()
+
     previous_state = io.read_delta(spark, members_path)
     state = incremental.input_state(products, cells.centroids, settings.weights, shape.dims, settings.spill,
                                     previous_state).persist()
+    state.count()
+    step("state")
     old_lists = io.read_delta(spark, lists_path)
     changes = incremental.find_changes(state, previous_state, old_lists)
+    step("changes")
     updated = incremental.update_neighbours(products, state, old_lists, changes, cells.centroids, shape.dims, settings,
                                             shape.several_sources).persist()
     updated.count()
+    step("rescore")
     io.merge_table(incremental.merge_lists(old_lists, updated, changes.removed), lists_path, keys=("product_id",))
+    step("merge")
     io.write_delta(state, members_path)
+    step("state_write")
     incremental_s = time.perf_counter() - started
     updated.unpersist()
     state.unpersist()
@@ -119,7 +132,7 @@ def bench_incremental(spark, config: ProdsimConfig, *, n: int = 400_000, changed
            "full_s": round(full_s, 2), "incremental_s": round(incremental_s, 2),
            "full_same_cells_s": round(full_same_cells_s, 2), "day_one_s": round(day_one_s, 2),
            "fraction": round(incremental_s / full_s, 3),
-           "fraction_vs_same_cells": round(incremental_s / full_same_cells_s, 3),
+           "fraction_vs_same_cells": round(incremental_s / full_same_cells_s, 3), "incremental_steps_s": steps,
            "same_lists": not differing, "lists_differing": len(differing), "differing_sample": differing[:5],
            "settings": {"block_size": settings.block_size, "spill": settings.spill, "k": settings.k}}
     log.info("[bench incremental] %s", out)

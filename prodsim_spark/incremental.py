@@ -159,8 +159,9 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
         for name, v in values.items():
             out[f"n_{name}"].extend(np.split(v, bounds[1:-1]))
 
-    def blocks(batches: Iterator[pd.DataFrame], rows: int = 50_000) -> Iterator[pd.DataFrame]:
-        # whole partitions (up to `rows`) at a time: the per-cell loop below runs once per block
+    def blocks(batches: Iterator[pd.DataFrame], rows: int = 250_000) -> Iterator[pd.DataFrame]:
+        # whole partitions (up to `rows`: ~1 GB of 384-d rows) at a time: the per-cell loop below runs
+        # once per block, and its cost is mostly per call
         pending, size = [], 0
         for pdf in batches:
             pending.append(pdf)
@@ -198,7 +199,9 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
                     emit(out, p.take(rows), q_all.take(idx))
             yield pd.DataFrame({f: pd.Series(out[f], dtype=object) for f in LISTS_SCHEMA.fieldNames()})
 
-    candidates = products.mapInPandas(scan, LISTS_SCHEMA).select(
+    # one partition per core (coalesce: no shuffle), so that each task's blocks are as few as they can be
+    scanned = products.coalesce(max(1, spark.sparkContext.defaultParallelism))
+    candidates = scanned.mapInPandas(scan, LISTS_SCHEMA).select(
         "product_id", F.explode(F.arrays_zip(*[F.col(f"n_{f}").alias(f) for f in NEIGHBOUR.fieldNames()])).alias("n")
     ).persist()  # read three times below: the scan runs once
     # kept lists take their old entries too (none of them changed or removed: else they'd be rescored)
