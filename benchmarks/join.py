@@ -66,10 +66,8 @@ def synthetic_products(spark, n: int, d: int, seed: int = 7):
     return synthetic_frame(spark, n, "product_id", "p", lambda lo, hi: clustered_vectors(lo, hi, d, seed, n))
 
 
-def exact_top_k(x: np.ndarray, query_rows: np.ndarray, k: int, block: int | None = None) -> np.ndarray:
-    """Exact top-k (self excluded) of the given rows against all of x, by blocked matrix multiply
-    (blocks of about 100M scores: 400 MB, whatever N)."""
-    block = block or max(16, min(512, 100_000_000 // max(1, len(x))))
+def exact_top_k(x: np.ndarray, query_rows: np.ndarray, k: int, block: int = 512) -> np.ndarray:
+    """Exact top-k (self excluded) of the given rows against all of x, by blocked matrix multiply."""
     out = np.empty((len(query_rows), k), dtype=np.int64)
     for s in range(0, len(query_rows), block):
         rows = query_rows[s:s + block]
