@@ -187,22 +187,45 @@ def fused_dense(p: Products, weights: FusionWeights) -> np.ndarray:
 # IVF centroids
 
 
+SEED_ROUNDS = 64  # k-means++ seeds are drawn in at most this many rounds (see kmeans)
+
+
 def kmeans(x: np.ndarray, k: int, *, iterations: int, seed: int) -> np.ndarray:
-    """Spherical k-means (cosine) with k-means++ seeding; returns (k, d) unit centroids."""
+    """Spherical k-means (cosine) with k-means++ seeding; returns (k, d) unit centroids.
+
+    Seeds are drawn ``ceil(k / SEED_ROUNDS)`` at a time (k-means|| style): one seed per pass over the
+    sample would cost k passes, minutes for thousands of cells on a sample of 100k+ products, where a
+    batch of seeds per pass is one matrix product. Up to SEED_ROUNDS cells it is plain k-means++."""
     rng = np.random.default_rng(seed)
     n = len(x)
     k = max(1, min(k, n))
+    per_round = -(-k // SEED_ROUNDS)
     centroids = np.empty((k, x.shape[1]), dtype=np.float32)
     centroids[0] = x[rng.integers(n)]
     closest = 1 - x @ centroids[0]
-    for j in range(1, k):  # k-means++: far points are likelier seeds
+    j = 1
+    while j < k:  # k-means++: far points are likelier seeds
         p = np.clip(closest, 0, None) ** 2
         p = p / p.sum() if p.sum() > 0 else None
-        centroids[j] = x[rng.choice(n, p=p)]
-        closest = np.minimum(closest, 1 - x @ centroids[j])
+        if per_round == 1:
+            picks = [rng.choice(n, p=p)]
+        else:
+            m = min(per_round, k - j, int(np.count_nonzero(p)) if p is not None else n)
+            picks = rng.choice(n, size=max(1, m), replace=False, p=p)
+        centroids[j:j + len(picks)] = x[picks]
+        closest = np.minimum(closest, 1 - (x @ centroids[j:j + len(picks)].T).max(axis=1))
+        j += len(picks)
     for _ in range(iterations):
         centroids = update_centroids(centroids, cell_sums(x, centroids))
     return centroids.astype(np.float32)
+
+
+def nearest_centroid(x: np.ndarray, centroids: np.ndarray, chunk_scores: int = 50_000_000) -> np.ndarray:
+    """Each row's most similar centroid, in row chunks of at most ``chunk_scores`` scores (a 200k-row
+    sample against 4,000 centroids would be a 3 GB matrix at once)."""
+    step = max(1, chunk_scores // max(1, len(centroids)))
+    return np.concatenate([np.argmax(x[s:s + step] @ centroids.T, axis=1) for s in range(0, len(x), step)]
+                          ) if len(x) else np.zeros(0, dtype=np.int64)
 
 
 def cell_sums(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -210,7 +233,7 @@ def cell_sums(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     add up across partitions (so Spark tasks can compute them on their share of the data)."""
     sums = np.zeros(centroids.shape, dtype=np.float64)
     if len(x):
-        assign = np.argmax(x @ centroids.T, axis=1)
+        assign = nearest_centroid(x, centroids)
         order = np.argsort(assign, kind="stable")  # per-cell sums by reduceat: np.add.at is ~50x slower
         present, starts = np.unique(assign[order], return_index=True)
         sums[present] = np.add.reduceat(x[order].astype(np.float64), starts, axis=0)
@@ -240,7 +263,7 @@ def train_cells(sample: np.ndarray, n_total: int, *, block_size: int, max_block_
     centroids = kmeans(sample, k, iterations=iterations, seed=seed)
     scale = n_total / len(sample)
     for _ in range(3):  # a few rounds: a split cell can itself be too big
-        assign = np.argmax(sample @ centroids.T, axis=1)
+        assign = nearest_centroid(sample, centroids)
         sizes = np.bincount(assign, minlength=len(centroids)) * scale
         big = np.flatnonzero(sizes > max_block_size)
         if len(big) == 0:

@@ -196,6 +196,15 @@ def is_exact(products: int, settings: JoinSettings) -> bool:
     return products <= settings.exact_max_products
 
 
+def sample_rows(n_total: int, dims: dict[str, int], settings: JoinSettings) -> int:
+    """Products to sample for the first centroids: ``sample_size``, or ``sample_per_cell`` per cell when
+    that is more, as far as ``max_sample_mb`` of fused vectors allows (never more than the catalog)."""
+    width = max(1, sum(d for m, d in dims.items() if settings.weights.as_dict().get(m, 0) > 0))
+    per_cell = settings.sample_per_cell * int(np.ceil(n_total / settings.block_size))
+    cap = settings.max_sample_mb * 2**20 // (4 * width)
+    return int(min(n_total, max(settings.sample_size, min(per_cell, cap))))
+
+
 def plan_cells(products: DataFrame, settings: JoinSettings) -> Cells:
     """Step 1 of the join: centroids from a k-means on a sample (driver), refined over all products."""
     products = standard_columns(products)
@@ -204,8 +213,9 @@ def plan_cells(products: DataFrame, settings: JoinSettings) -> Cells:
     dims, n_total = shape.dims, shape.count
     if n_total == 0:
         return Cells(np.zeros((1, 1), dtype=np.float32), shape)
-    fraction = min(1.0, settings.sample_size / n_total)
-    sample = products.sample(fraction=fraction, seed=settings.seed).limit(settings.sample_size).toPandas()
+    rows = sample_rows(n_total, dims, settings)
+    fraction = min(1.0, rows / n_total)
+    sample = products.sample(fraction=fraction, seed=settings.seed).limit(rows).toPandas()
     exact = is_exact(n_total, settings)  # at most `spill` cells: every product is stored in every one
     centroids = fusion.train_cells(fusion.fused_dense(products_from_columns(sample, dims), settings.weights), n_total,
                                    block_size=settings.block_size, max_block_size=settings.max_block_size,
@@ -214,8 +224,8 @@ def plan_cells(products: DataFrame, settings: JoinSettings) -> Cells:
     # when the sample was every product, its k-means already saw all the data: nothing to refine
     refine = settings.refine_passes if fraction < 1 and len(centroids) > 1 else 0
     centroids = _refine(products, centroids, dims=dims, weights=settings.weights, passes=refine)
-    log.info("[join] %d products, %d cells (block_size %d, max %d), spill %d%s; planned in %.1f s",
-             n_total, len(centroids), settings.block_size, settings.max_block_size, settings.spill,
+    log.info("[join] %d products, %d cells (block_size %d, max %d) from a sample of %d, spill %d%s; planned in %.1f s",
+             n_total, len(centroids), settings.block_size, settings.max_block_size, len(sample), settings.spill,
              f", exact (join.exact_max_products {settings.exact_max_products})" if exact else "",
              time.perf_counter() - started)
     return Cells(centroids, shape)

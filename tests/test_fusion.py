@@ -105,6 +105,22 @@ def test_skewed_sample_gets_no_giant_cell():
     assert sizes.max() <= 2 * 1200  # predicted from a sample: allow sampling noise, but no 10,000 block
 
 
+def test_kmeans_with_hundreds_of_cells_keeps_groups_whole():
+    """Seeds for many cells are drawn in rounds (one matrix product each), which must still place a
+    seed in nearly every group, as one-at-a-time k-means++ does (the join's recall rests on it)."""
+    rng = np.random.default_rng(0)
+    label = np.repeat(np.arange(300), 20)
+    centres = rng.normal(size=(300, 32))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = centres[label] + rng.normal(scale=0.05, size=(len(label), 32))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    centroids = fusion.kmeans(x, 300, iterations=5, seed=1)
+    assign = fusion.nearest_centroid(x, centroids, chunk_scores=1000)  # chunked: 3 rows at a time
+    assert (assign == np.argmax(x @ centroids.T, axis=1)).all()
+    whole = sum(len(set(assign[label == g])) == 1 for g in range(300))
+    assert whole >= 276, whole  # here 282; one-at-a-time seeding 289, seeds in one round (D^2 of the first only) 270
+
+
 def test_nearest_cells_sorted():
     c = np.eye(3, dtype=np.float32)
     x = np.array([[0.1, 0.9, 0.3]], dtype=np.float32)

@@ -25,6 +25,18 @@ def recall_against_exact(found, x, ids, k):
     return np.mean([len(set(ids[exact[i]]) & set(found[ids[i]])) / k for i in range(len(x))])
 
 
+def test_large_catalogs_sample_in_proportion_to_their_cells_within_the_memory_cap():
+    settings = load_config(overrides=["join.sample_size=50000", "join.sample_per_cell=50", "join.block_size=500",
+                                      "join.max_sample_mb=1024"]).join
+    dims = {"text": 384, "image": 0, "lexical": 0}
+    assert join.sample_rows(30_000, dims, settings) == 30_000           # small: every product
+    assert join.sample_rows(400_000, dims, settings) == 50_000          # 800 cells x 50 = 40k < sample_size
+    assert join.sample_rows(2_000_000, dims, settings) == 200_000       # 4,000 cells x 50
+    assert join.sample_rows(100_000_000, dims, settings) == 2**30 // (4 * 384)  # capped at 1 GiB of vectors
+    no_text = settings.replaced(weights=settings.weights.replaced(text=0.0, lexical=1.0))
+    assert join.sample_rows(100_000_000, {"text": 384, "image": 0, "lexical": 1024}, no_text) == 2**30 // (4 * 1024)
+
+
 def test_known_answer_and_k_larger_than_catalog(spark):
     ids = ["a", "b", "c", "d"]
     vecs = [[1, 0], [0.8, 0.6], [0, 1], [-1, 0]]
