@@ -253,11 +253,12 @@ class JoinSettings(_Section):
     """Large catalogs sample more: this many products per cell, when that exceeds ``sample_size``. A
     fixed sample leaves few products per centroid as cells grow with N (2M products, 4,000 cells, 50k
     sampled: recall@10 0.905); 50 per cell keeps the first centroids as good as at 400k. 0: off."""
-    max_sample_mb: int = Field(default=1024, ge=1)
+    max_sample_mb: int = Field(default=512, ge=1)
     """Caps what ``sample_per_cell`` adds: the sample's vectors on the driver (rows x fused dims x 4 bytes)
-    stay under this many MiB (1 GiB: 700k rows of 384 floats). Raise it with ``spark.driver.memory``."""
+    stay under this many MiB (512: 350k rows of 384 floats, 50k of the full pipeline's 2,688; the JVM holds
+    them several times over while collecting). Raise it with ``spark.driver.memory``."""
     kmeans_iterations: int = Field(default=10, ge=1)
-    refine_passes: int = Field(default=4, ge=0)
+    refine_passes: int = Field(default=6, ge=0)
     """Lloyd passes over all products after the sample k-means. Each is one scan of the products
     (n x cells x dims work, on the executors); they matter for catalogs with many small groups, where
     a sample holds few products of each group. 0: sample centroids only (fast, lower recall)."""
