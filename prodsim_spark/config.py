@@ -352,9 +352,14 @@ class SearchSettings(_Section):
 
     k: int = Field(default=10, ge=1, le=1000)
     """Results per query."""
-    probe: int = Field(default=4, ge=1)
+    probe: int = Field(default=1, ge=1)
     """Index cells a query probes (its nearest). More: higher recall against scoring every product,
-    work per query grows linearly (about probe x join.block_size products scored)."""
+    work per query grows linearly (about probe x spill x join.block_size products scored), and above 1
+    each query's candidate lists are merged by a second shuffle."""
+    spill: int = Field(default=3, ge=1)
+    """Cells each product is stored in for search (its nearest), as the join's ``join.spill``: a product
+    is found by a query probing any of them. More: higher recall with one probe, products shipped
+    ``spill`` times in the batch search and held ``spill`` times in the Searcher's cell lists."""
     columns: QueryColumns = Field(default_factory=QueryColumns)
     max_text_chars: int = Field(default=1000, ge=1)
     """Longer query texts are cut (reason truncated_text)."""

@@ -8,7 +8,9 @@ image and lexical (a query has no brand or price of its own; filters are hard co
 terms). As in the join, a product that shares no content component with the query is never a result.
 
 Instead of scoring every product, a query probes its ``search.probe`` nearest cells of the run's index
-(:mod:`prodsim_spark.index`) and scores the products whose home cell is one of them.
+(:mod:`prodsim_spark.index`) and scores the products stored in them: as in the join, each product is
+stored in its ``search.spill`` nearest cells, so that with one probe (the default) a query's results
+come from one cell and need no merge.
 
 * :func:`validate_queries`: raw query rows -> canonical query columns with status and reason (every
   query is kept: a bad one gets a reason and an empty result, never a crash).
@@ -198,12 +200,15 @@ def search_products(query_vectors: DataFrame, products: DataFrame, index: Index,
         if col not in query_vectors.columns:
             query_vectors = query_vectors.withColumn(col, F.lit(-1 if col == "category" else None).cast(typ))
 
+    spill = min(settings.spill, len(centroids))
+
     def route_products(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        for pdf in batches:
+        for pdf in batches:  # each product to its `spill` nearest cells, as the join stores them
             p = join.products_from_columns(pdf, dims)
-            home = fusion.nearest_cells(fusion.fused_dense(p, weights), centroids, 1)[:, 0]
-            yield join.routed_frame(pdf["product_id"].to_numpy(), p).assign(cell=home.astype(np.int64), home=True)[
-                join.ROUTED_SCHEMA.fieldNames()]
+            nearest = fusion.nearest_cells(fusion.fused_dense(p, weights), centroids, spill)
+            flat = join.routed_frame(pdf["product_id"].to_numpy(), p)
+            yield flat.loc[flat.index.repeat(nearest.shape[1])].assign(
+                cell=nearest.reshape(-1).astype(np.int64), home=True)[join.ROUTED_SCHEMA.fieldNames()]
 
     def route_queries(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
@@ -237,11 +242,14 @@ def search_products(query_vectors: DataFrame, products: DataFrame, index: Index,
     routed_products = products.mapInPandas(route_products, join.ROUTED_SCHEMA)
     found = (routed_products.groupBy("cell").cogroup(routed_queries.groupBy("cell"))
              .applyInPandas(score, FOUND_SCHEMA))
-    # each query's candidates from its probed cells, merged: best score first, ties by product id
-    per_result = found.select("query_id", F.arrays_zip(*[F.col(f"r_{f}").alias(f) for f in RESULT.fieldNames()])
-                              .alias("r")).select("query_id", F.explode("r").alias("r"))
-    ranked = per_result.groupBy("query_id").agg(F.sort_array(F.collect_list(F.struct(
-        (-F.col("r.score")).alias("neg"), F.col("r.product_id").alias("pid"), F.col("r").alias("r")))).alias("all"))
+    results = F.arrays_zip(*[F.col(f"r_{f}").alias(f) for f in RESULT.fieldNames()])
+    if probe == 1:  # one cell per query: its list is final there, in order (best first, ties by id)
+        return found.select("query_id", results.cast(T.ArrayType(RESULT)).alias("results"))
+    # each query's candidates from its probed cells, merged: best score first, ties by product id; a
+    # product stored in two probed cells is listed by both (the same entry: kept once)
+    per_result = found.select("query_id", results.alias("r")).select("query_id", F.explode("r").alias("r"))
+    ranked = per_result.groupBy("query_id").agg(F.array_distinct(F.sort_array(F.collect_list(F.struct(
+        (-F.col("r.score")).alias("neg"), F.col("r.product_id").alias("pid"), F.col("r").alias("r"))))).alias("all"))
     return ranked.select("query_id", F.slice(F.transform("all", lambda x: x["r"]), 1, k).cast(
         T.ArrayType(RESULT)).alias("results"))
 
@@ -286,10 +294,12 @@ class Searcher:
                  categories: dict[str, int], config: ProdsimConfig):
         self.index, self.products, self.titles, self.config = index, products, titles, config
         self.categories = categories  # lower-cased, trimmed name -> the code products carry
-        home = fusion.nearest_cells(fusion.fused_dense(products, index.weights), index.centroids, 1)[:, 0]
-        order = np.argsort(home, kind="stable")
-        starts = np.searchsorted(home[order], np.arange(len(index.centroids) + 1))
-        self._members = [order[starts[c]:starts[c + 1]] for c in range(len(index.centroids))]
+        # each cell's members: the products storing a copy there (their `search.spill` nearest cells)
+        spill = min(config.search.spill, len(index.centroids))
+        cells = fusion.nearest_cells(fusion.fused_dense(products, index.weights), index.centroids, spill).reshape(-1)
+        order = np.argsort(cells, kind="stable")
+        starts = np.searchsorted(cells[order], np.arange(len(index.centroids) + 1))
+        self._members = [order[starts[c]:starts[c + 1]] // spill for c in range(len(index.centroids))]
         self._text = self._image = None
 
     @classmethod
@@ -353,7 +363,7 @@ class Searcher:
         k = k or self.config.search.k
         probe = min(probe or self.config.search.probe, len(self._members))
         cells = fusion.nearest_cells(fusion.fused_dense(q, self.index.weights), self.index.centroids, probe)[0]
-        candidates = np.concatenate([self._members[c] for c in cells]) if len(cells) else np.zeros(0, np.int64)
+        candidates = np.unique(np.concatenate([self._members[c] for c in cells])) if len(cells) else np.zeros(0, np.int64)
         members = self.products.take(candidates)
         code = -1 if not category or not category.strip() else self.categories.get(category.strip().lower(), -2)
         filters = Filters(np.array([code]), np.array([np.log(min_price) if min_price else np.nan]),

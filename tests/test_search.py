@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+from pyspark.sql import functions as F
 
 from prodsim_spark import cli, lexical
 from prodsim_spark.config import LexicalSettings, load_config
@@ -137,3 +138,39 @@ def test_search_quality_metrics_count_relevant_results_and_first_ranks():
     assert exact_ranking(scores, np.array(["p", "q", "r"], dtype=object), 3) == [["r", "p"]]
     assert query_text("Golden-Delicious", "Apple") == "Golden Delicious Apple"
     assert query_text("Bravo-Apple-Juice", "Juice") == "Bravo Apple Juice"
+
+
+def test_a_blocked_index_answers_the_same_in_batch_and_notebook_and_close_to_exact(spark):
+    """Many cells (a large catalog's case): products stored in their search.spill nearest cells, a
+    query searched from its nearest; with two probes a product stored in both is listed once."""
+    from benchmarks.join import clustered_vectors, synthetic_products
+    from benchmarks.search import exact_search, query_vectors, synthetic_queries, text_products
+    from prodsim_spark.config import FusionWeights
+    from prodsim_spark.index import build_index
+    from prodsim_spark.join import plan_cells
+    from prodsim_spark.search import search_products
+
+    n, d, queries = 3000, 32, 300
+    config = load_config(overrides=["join.exact_max_products=0", "join.block_size=100", "join.max_block_size=400"])
+    settings = config.join.replaced(weights=FusionWeights.only(text=1.0))
+    config = config.model_copy(update={"join": settings})
+    products = synthetic_products(spark, n, d).cache()
+    cells = plan_cells(products, settings)
+    assert len(cells.centroids) >= 20
+    index = build_index(cells.centroids, None, cells.shape.dims, config, "synthetic", None)
+    x, q = clustered_vectors(0, n, d, 7, n), query_vectors(0, queries, d, 7, n, queries)
+    exact = exact_search(x, q, 10)
+    batch = synthetic_queries(spark, n, queries, d)
+    found = {r["query_id"]: list(r["ids"]) for r in search_products(batch, products, index, config.search)
+             .select("query_id", F.col("results.product_id").alias("ids")).collect()}
+    searcher = Searcher(index, text_products(np.array([f"p{i:07d}" for i in range(n)], dtype=object), x), {}, {}, config)
+    hits = 0
+    for i in range(queries):
+        api = list(searcher.search_vectors(text_products(np.array(["q"], dtype=object), q[i][None, :]), k=10)["product_id"])
+        assert found[f"q{i:07d}"] == api
+        hits += len(set(api) & {f"p{j:07d}" for j in exact[i]})
+    assert hits / (10 * queries) >= 0.95
+    two = config.search.model_copy(update={"probe": 2})
+    for r in search_products(batch, products, index, two).select(F.col("results.product_id").alias("ids")).collect():
+        assert len(r["ids"]) == len(set(r["ids"])) == 10
+    products.unpersist()
