@@ -228,6 +228,14 @@ def nearest_centroid(x: np.ndarray, centroids: np.ndarray, chunk_scores: int = 5
                           ) if len(x) else np.zeros(0, dtype=np.int64)
 
 
+def rows_by_cell(cells: np.ndarray, n_cells: int) -> list[np.ndarray]:
+    """For each cell, the rows that have it among theirs (``cells``: (rows, c) cell indices, each row's
+    cells distinct), in row order: one sort, not a pass over the rows per cell."""
+    flat = cells.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    return np.split(order // cells.shape[1], np.searchsorted(flat[order], np.arange(1, n_cells)))
+
+
 def cell_sums(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """(k, d) float64 sums of the rows of x by nearest centroid: one Lloyd step's statistics, which
     add up across partitions (so Spark tasks can compute them on their share of the data)."""

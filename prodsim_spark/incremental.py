@@ -181,12 +181,9 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
             p = products_from_columns(pdf, dims)
             cells = np.stack(pdf["cells"].to_numpy())
             # the rows storing a copy in each cell, and the rows homed there, by one sort each
-            flat = cells.reshape(-1)
-            order = np.argsort(flat, kind="stable")
-            stored = np.split(order // spill, np.searchsorted(flat[order], np.arange(1, len(centroids))))
+            stored = fusion.rows_by_cell(cells, len(centroids))
             kept = ~np.isin(p.ids, queries)
-            home_order = np.argsort(cells[:, 0], kind="stable")
-            homed = np.split(home_order, np.searchsorted(cells[home_order, 0], np.arange(1, len(centroids))))
+            homed = fusion.rows_by_cell(cells[:, :1], len(centroids))
             out: dict[str, list] = {f: [] for f in LISTS_SCHEMA.fieldNames()}
             # complete lists: a query against every member of its home cell found in this block
             for cell, idx in s["q_by_home"].items():

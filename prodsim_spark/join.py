@@ -115,6 +115,18 @@ def routed_frame(ids: np.ndarray, p: fusion.Products) -> pd.DataFrame:
                          "brand": p.brand, "category": p.category, "log_price": p.log_price, "source": p.source})
 
 
+def routed_copies(pdf: pd.DataFrame, dims: dict[str, int], weights: FusionWeights, centroids: np.ndarray,
+                  spill: int) -> pd.DataFrame:
+    """Rows of products (columns as :func:`join_inputs` returns) as ``ROUTED_SCHEMA`` rows: one copy per
+    cell among each product's ``spill`` nearest; ``home`` marks the nearest."""
+    p = products_from_columns(pdf, dims)
+    nearest = fusion.nearest_cells(fusion.fused_dense(p, weights), centroids, spill)
+    flat = routed_frame(pdf["product_id"].to_numpy(), p)
+    copies = flat.loc[flat.index.repeat(nearest.shape[1])].assign(
+        cell=nearest.reshape(-1).astype(np.int64), home=np.tile(np.arange(nearest.shape[1]) == 0, len(flat)))
+    return copies[ROUTED_SCHEMA.fieldNames()]
+
+
 ROUTED_SCHEMA = T.StructType([
     T.StructField("cell", T.LongType()), T.StructField("home", T.BooleanType()),
     T.StructField("product_id", T.StringType()),
@@ -254,12 +266,7 @@ def find_neighbours(products: DataFrame, settings: JoinSettings, cells: Cells | 
     # 2. route: each product to its `spill` nearest cells; the nearest is its home, where it is searched from
     def route(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
-            p = products_from_columns(pdf, dims)
-            nearest = fusion.nearest_cells(fusion.fused_dense(p, weights), centroids, spill)
-            flat = routed_frame(pdf["product_id"].to_numpy(), p)
-            copies = flat.loc[flat.index.repeat(nearest.shape[1])].assign(
-                cell=nearest.reshape(-1).astype(np.int64), home=np.tile(np.arange(nearest.shape[1]) == 0, len(flat)))
-            yield copies[ROUTED_SCHEMA.fieldNames()]
+            yield routed_copies(pdf, dims, weights, centroids, spill)
 
     # 3. exact fused scores inside each cell; each product is a query in exactly one cell, so its
     # list is final there: no merge shuffle, and every product gets a row.

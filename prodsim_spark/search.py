@@ -204,11 +204,7 @@ def search_products(query_vectors: DataFrame, products: DataFrame, index: Index,
 
     def route_products(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:  # each product to its `spill` nearest cells, as the join stores them
-            p = join.products_from_columns(pdf, dims)
-            nearest = fusion.nearest_cells(fusion.fused_dense(p, weights), centroids, spill)
-            flat = join.routed_frame(pdf["product_id"].to_numpy(), p)
-            yield flat.loc[flat.index.repeat(nearest.shape[1])].assign(
-                cell=nearest.reshape(-1).astype(np.int64), home=True)[join.ROUTED_SCHEMA.fieldNames()]
+            yield join.routed_copies(pdf, dims, weights, centroids, spill)
 
     def route_queries(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
@@ -296,10 +292,8 @@ class Searcher:
         self.categories = categories  # lower-cased, trimmed name -> the code products carry
         # each cell's members: the products storing a copy there (their `search.spill` nearest cells)
         spill = min(config.search.spill, len(index.centroids))
-        cells = fusion.nearest_cells(fusion.fused_dense(products, index.weights), index.centroids, spill).reshape(-1)
-        order = np.argsort(cells, kind="stable")
-        starts = np.searchsorted(cells[order], np.arange(len(index.centroids) + 1))
-        self._members = [order[starts[c]:starts[c + 1]] // spill for c in range(len(index.centroids))]
+        cells = fusion.nearest_cells(fusion.fused_dense(products, index.weights), index.centroids, spill)
+        self._members = fusion.rows_by_cell(cells, len(index.centroids))
         self._text = self._image = None
 
     @classmethod
