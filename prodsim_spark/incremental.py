@@ -9,7 +9,9 @@ added, changed or removed:
   product, get a complete list: every member of their home cell is scored again;
 * every other product keeps its list, merged with the added and changed products that now store a
   copy in its home cell: its old list is the top k of the old members, which are all still there and
-  unchanged, so the merged top k is what a full join would give;
+  unchanged, so the merged top k is what a full join would give. Only a new member scoring at least
+  the list's k-th score can enter it, so only such candidates leave the scan: a list no new member
+  enters is not touched at all (at 1% changed, most lists);
 * removed products leave every list (only rescored products listed them).
 
 So the result equals a full join on the same cells (a test checks it). One scan of the products does
@@ -40,6 +42,10 @@ log = logging.getLogger(__name__)
 # A state of at most this many rows (~50 bytes each) is broadcast to the tasks that read the products,
 # so that the products (vectors) are not shuffled to meet it; a larger one is joined by a shuffle.
 BROADCAST_STATE_ROWS = 1_000_000
+# A new member enters a kept list when it scores at least the list's k-th score; the two scores come
+# from matrix products of other shapes, so they may differ in their last bits: candidates this close
+# below are kept too, and the merge of old and new entries ranks them exactly.
+SCORE_SLACK = 1e-5
 
 STATE_SCHEMA = T.StructType([T.StructField("product_id", T.StringType()), T.StructField("input_hash", T.LongType()),
                              T.StructField("home", T.LongType()), T.StructField("cells", T.ArrayType(T.LongType()))])
@@ -122,8 +128,12 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
     docstring); every other product's list stands. ``products`` as :func:`join.find_neighbours` takes;
     ``state`` from :func:`input_state` over them (each product's cells: nothing is routed again)."""
     spark = products.sparkSession
-    products = standard_columns(products).join(_small(state.select("product_id", "cells")), "product_id")
     weights, k, spill, scale = settings.weights, settings.k, settings.spill, settings.price_scale
+    # each product's k-th score (null when its list is shorter: anything enters it)
+    floors = previous_lists.select("product_id", F.when(F.size("neighbours") >= k, F.col("neighbours.score")[k - 1])
+                                   .alias("floor"))
+    products = standard_columns(products).join(
+        _small(state.select("product_id", "cells").join(floors, "product_id", "left")), "product_id")
     penalty = settings.same_source_penalty if several_sources else 0.0
     hard = settings.category_mode == "hard"
     queries_ids = changes.new + changes.rescored
@@ -149,15 +159,22 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
             score = np.where(a.category[:, None] == b.category[None, :], score, np.nan)
         return score, parts
 
-    def emit(out: dict, a: fusion.Products, b: fusion.Products) -> None:
+    def emit(out: dict, a: fusion.Products, b: fusion.Products, floor: np.ndarray | None = None) -> None:
+        """Each row of ``a``'s best k among ``b`` (those scoring at least its ``floor``), for the rows
+        that have any."""
         score, parts = scores(a, b)
         r, c = fusion.top_k(score, a.ids, b.ids, k)
-        bounds = np.searchsorted(r, np.arange(len(a) + 1))
+        if floor is not None:
+            keep = score[r, c] >= floor[r]
+            r, c = r[keep], c[keep]
+        if not len(r):
+            return
+        rows, starts = np.unique(r, return_index=True)  # r is grouped by row, ascending
         values = {"product_id": b.ids[c], "score": score[r, c],
                   **{f: parts[f][r, c] if f in parts else np.zeros(len(r), np.float32) for f in fusion.PARTS}}
-        out["product_id"].extend(a.ids)
+        out["product_id"].extend(a.ids[rows])
         for name, v in values.items():
-            out[f"n_{name}"].extend(np.split(v, bounds[1:-1]))
+            out[f"n_{name}"].extend(np.split(v, starts[1:]))
 
     def blocks(batches: Iterator[pd.DataFrame], rows: int = 250_000) -> Iterator[pd.DataFrame]:
         # whole partitions (up to `rows`: ~1 GB of 384-d rows) at a time: the per-cell loop below runs
@@ -174,15 +191,16 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
 
     def scan(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         s = shared.value
-        q_all, queries = s["q"], np.array(sorted(s["queries"]), dtype=object)
+        q_all = s["q"]
         for pdf in blocks(batches):
             if not len(pdf):
                 continue
             p = products_from_columns(pdf, dims)
             cells = np.stack(pdf["cells"].to_numpy())
+            floor = pdf["floor"].to_numpy(dtype=np.float64, na_value=-np.inf) - SCORE_SLACK
             # the rows storing a copy in each cell, and the rows homed there, by one sort each
             stored = fusion.rows_by_cell(cells, len(centroids))
-            kept = ~np.isin(p.ids, queries)
+            kept = ~pdf["product_id"].isin(s["queries"]).to_numpy()
             homed = fusion.rows_by_cell(cells[:, :1], len(centroids))
             out: dict[str, list] = {f: [] for f in LISTS_SCHEMA.fieldNames()}
             # complete lists: a query against every member of its home cell found in this block
@@ -193,7 +211,7 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
             for cell, idx in s["m_by_cell"].items():
                 rows = homed[cell][kept[homed[cell]]]
                 if len(rows):
-                    emit(out, p.take(rows), q_all.take(idx))
+                    emit(out, p.take(rows), q_all.take(idx), floor[rows])
             yield pd.DataFrame({f: pd.Series(out[f], dtype=object) for f in LISTS_SCHEMA.fieldNames()})
 
     # one partition per core (coalesce: no shuffle), so that each task's blocks are as few as they can be
