@@ -35,7 +35,7 @@ from pyspark.sql import types as T
 
 from prodsim_spark import fusion
 from prodsim_spark.config import JoinSettings
-from prodsim_spark.join import LISTS_SCHEMA, NEIGHBOUR, is_exact, products_from_columns, standard_columns
+from prodsim_spark.join import NEIGHBOUR, is_exact, products_from_columns, standard_columns
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,9 @@ BROADCAST_STATE_ROWS = 1_000_000
 # below are kept too, and the merge of old and new entries ranks them exactly.
 SCORE_SLACK = 1e-5
 
+# the scan's output: one row per (product, candidate neighbour)
+CANDIDATE_SCHEMA = T.StructType([T.StructField("product_id", T.StringType()),
+                                 *[T.StructField(f"n_{f.name}", f.dataType) for f in NEIGHBOUR.fields]])
 STATE_SCHEMA = T.StructType([T.StructField("product_id", T.StringType()), T.StructField("input_hash", T.LongType()),
                              T.StructField("home", T.LongType()), T.StructField("cells", T.ArrayType(T.LongType()))])
 
@@ -159,22 +162,18 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
             score = np.where(a.category[:, None] == b.category[None, :], score, np.nan)
         return score, parts
 
-    def emit(out: dict, a: fusion.Products, b: fusion.Products, floor: np.ndarray | None = None) -> None:
-        """Each row of ``a``'s best k among ``b`` (those scoring at least its ``floor``), for the rows
-        that have any."""
+    def emit(out: list, a: fusion.Products, b: fusion.Products, floor: np.ndarray | None = None) -> None:
+        """Each row of ``a``'s best k among ``b`` (those scoring at least its ``floor``), one row per
+        candidate (flat: splitting them into per-product arrays cost more than the scoring)."""
         score, parts = scores(a, b)
         r, c = fusion.top_k(score, a.ids, b.ids, k)
         if floor is not None:
             keep = score[r, c] >= floor[r]
             r, c = r[keep], c[keep]
-        if not len(r):
-            return
-        rows, starts = np.unique(r, return_index=True)  # r is grouped by row, ascending
-        values = {"product_id": b.ids[c], "score": score[r, c],
-                  **{f: parts[f][r, c] if f in parts else np.zeros(len(r), np.float32) for f in fusion.PARTS}}
-        out["product_id"].extend(a.ids[rows])
-        for name, v in values.items():
-            out[f"n_{name}"].extend(np.split(v, starts[1:]))
+        if len(r):
+            out.append(pd.DataFrame({"product_id": a.ids[r], "n_product_id": b.ids[c], "n_score": score[r, c],
+                                     **{f"n_{f}": parts[f][r, c] if f in parts else np.zeros(len(r), np.float32)
+                                        for f in fusion.PARTS}}))
 
     def blocks(batches: Iterator[pd.DataFrame], rows: int = 250_000) -> Iterator[pd.DataFrame]:
         # whole partitions (up to `rows`: ~1 GB of 384-d rows) at a time: the per-cell loop below runs
@@ -202,7 +201,7 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
             stored = fusion.rows_by_cell(cells, len(centroids))
             kept = ~pdf["product_id"].isin(s["queries"]).to_numpy()
             homed = fusion.rows_by_cell(cells[:, :1], len(centroids))
-            out: dict[str, list] = {f: [] for f in LISTS_SCHEMA.fieldNames()}
+            out: list[pd.DataFrame] = []
             # complete lists: a query against every member of its home cell found in this block
             for cell, idx in s["q_by_home"].items():
                 if len(stored[cell]):
@@ -212,12 +211,13 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
                 rows = homed[cell][kept[homed[cell]]]
                 if len(rows):
                     emit(out, p.take(rows), q_all.take(idx), floor[rows])
-            yield pd.DataFrame({f: pd.Series(out[f], dtype=object) for f in LISTS_SCHEMA.fieldNames()})
+            if out:
+                yield pd.concat(out, ignore_index=True)
 
     # one partition per core (coalesce: no shuffle), so that each task's blocks are as few as they can be
     scanned = products.coalesce(max(1, spark.sparkContext.defaultParallelism))
-    candidates = scanned.mapInPandas(scan, LISTS_SCHEMA).select(
-        "product_id", F.explode(F.arrays_zip(*[F.col(f"n_{f}").alias(f) for f in NEIGHBOUR.fieldNames()])).alias("n")
+    candidates = scanned.mapInPandas(scan, CANDIDATE_SCHEMA).select(
+        "product_id", F.struct(*[F.col(f"n_{f}").alias(f) for f in NEIGHBOUR.fieldNames()]).alias("n")
     ).persist()  # read three times below: the scan runs once
     # kept lists take their old entries too (none of them changed or removed: else they'd be rescored)
     query_ids = spark.createDataFrame([(i,) for i in queries_ids], "product_id string")
