@@ -103,7 +103,7 @@ def bench_incremental(spark, config: ProdsimConfig, *, n: int = 400_000, changed
     step("changes")
     updated = incremental.update_neighbours(products, state, old_lists, changes, cells.centroids, shape.dims, settings,
                                             shape.several_sources).persist()
-    updated.count()
+    lists_updated = updated.count()
     step("rescore")
     io.merge_table(incremental.merge_lists(old_lists, updated, changes.removed), lists_path, keys=("product_id",))
     step("merge")
@@ -128,7 +128,7 @@ def bench_incremental(spark, config: ProdsimConfig, *, n: int = 400_000, changed
     differing = differing_lists(got, want)
     out = {"n": n, "products_day_two": count, "changed": changed, "cells": int(len(cells.centroids)),
            "new_or_changed": len(changes.new), "removed": len(changes.removed),
-           "rescored_unchanged": len(changes.rescored),
+           "rescored_unchanged": len(changes.rescored), "lists_updated": lists_updated,
            "full_s": round(full_s, 2), "incremental_s": round(incremental_s, 2),
            "full_same_cells_s": round(full_same_cells_s, 2), "day_one_s": round(day_one_s, 2),
            "fraction": round(incremental_s / full_s, 3),

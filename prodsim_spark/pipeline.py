@@ -174,14 +174,15 @@ def run_join(spark: SparkSession, output: str, config: ProdsimConfig, result: Ru
             else:
                 updated = incremental.update_neighbours(products, state, old_lists, changes, previous.centroids,
                                                         shape.dims, config.join, shape.several_sources).persist()
-                updated.count()  # scored once, before the MERGE (which reads its source twice)
+                updated_lists = updated.count()  # scored once, before the MERGE (which reads its source twice)
                 found = incremental.merge_lists(old_lists, updated, changes.removed)
                 io.merge_table(join.neighbours_table(catalog, found, embeddings), path)
                 updated.unpersist()
                 built = previous
                 built.meta["changed_since_build"] += changes.changed
                 result.incremental = {"new_or_changed": len(changes.new), "removed": len(changes.removed),
-                                      "rescored_unchanged": len(changes.rescored), "products": changes.products}
+                                      "rescored_unchanged": len(changes.rescored), "lists_updated": updated_lists,
+                                      "products": changes.products}
         else:
             log.info("[join] a full join: %s", why)
         if built is None:  # new cells, every product

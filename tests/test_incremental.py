@@ -52,6 +52,9 @@ def test_an_incremental_run_equals_a_full_join_on_the_same_cells(spark, sample_r
     second = pipeline.run_pipeline(spark, write_catalog(edited + added, tmp_path / "v2.csv"), str(out), config)
     assert second.incremental["new_or_changed"] == 6 and second.incremental["removed"] == 3
     assert 0 < second.incremental["rescored_unchanged"] < 300
+    # the lists scored again: the changed products', those that held one, and those a new product
+    # entered; not every list of the cells the new products landed in
+    assert second.incremental["lists_updated"] < len(rows) / 2
 
     got = lists(tables.read(spark, NEIGHBOURS).where("status != 'rejected'"))
     want = lists(pipeline.lists_on_index(spark, str(out), config))
