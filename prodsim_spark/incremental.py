@@ -230,9 +230,9 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
               .agg(F.sort_array(F.collect_list(F.struct((-F.col("n.score")).alias("key"), F.col("n.product_id").alias("id"),
                                                         F.col("n").alias("n")))).alias("ranked")))
     found = ranked.select("product_id", F.transform(F.slice("ranked", 1, k), lambda e: e["n"]).alias("neighbours"))
-    # a query with no member in any batch (alone in its cell) still gets its (empty) list
-    alone = query_ids.join(found, "product_id", "left_anti").join(
-        products.select("product_id"), "product_id", "left_semi").select(
+    # a query with no candidate in any block (alone in its cell) still gets its (empty) list
+    present = spark.createDataFrame([(i,) for i in q.ids], "product_id string")
+    alone = present.join(found, "product_id", "left_anti").select(
         "product_id", F.array().cast(T.ArrayType(NEIGHBOUR)).alias("neighbours"))
     result = found.unionByName(alone).persist()
     result.count()
