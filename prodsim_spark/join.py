@@ -25,6 +25,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 import pandas as pd
+from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -167,20 +168,38 @@ def _refine(products: DataFrame, centroids: np.ndarray, *, dims: dict[str, int],
             passes: int) -> np.ndarray:
     """Lloyd passes of spherical k-means over *all* products, on the executors. Centroids from a
     sample alone are noisy when the catalog has many small groups (a few sampled products per group),
-    and noisy centroids split groups across cells; each pass costs one scan of the products."""
-    for done in range(passes):
-        def sums(batches: Iterator[pd.DataFrame], c=centroids) -> Iterator[pd.DataFrame]:
-            acc = np.zeros(c.shape, dtype=np.float64)
-            for pdf in batches:
-                acc += fusion.cell_sums(fusion.fused_dense(products_from_columns(pdf, dims), weights), c)
-            yield pd.DataFrame({"sums": [acc.tobytes()]})
+    and noisy centroids split groups across cells; each pass costs one scan of the products.
 
-        parts = products.mapInPandas(sums, "sums binary").collect()
-        total = sum(np.frombuffer(r["sums"], dtype=np.float64).reshape(centroids.shape) for r in parts)
-        moved = centroids
-        centroids = fusion.update_centroids(centroids, total)
-        log.info("[join] refine pass %d/%d: mean centroid move %.4f", done + 1, passes,
-                 float(np.mean(1 - np.sum(moved * centroids, axis=1))))
+    The fused vectors are computed once and kept (memory, else disk) as raw float32 bytes per product:
+    converting the array<float> columns to numpy again on every pass cost about twice the pass's own
+    matrix product."""
+    if not passes:
+        return centroids
+    width = centroids.shape[1]
+
+    def pack(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for pdf in batches:
+            x = np.ascontiguousarray(fusion.fused_dense(products_from_columns(pdf, dims), weights), dtype=np.float32)
+            yield pd.DataFrame({"fused": [row.tobytes() for row in x]})
+
+    packed = products.mapInPandas(pack, "fused binary").persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        for done in range(passes):
+            def sums(batches: Iterator[pd.DataFrame], c=centroids) -> Iterator[pd.DataFrame]:
+                acc = np.zeros(c.shape, dtype=np.float64)
+                for pdf in batches:
+                    x = np.frombuffer(b"".join(pdf["fused"].tolist()), dtype=np.float32).reshape(-1, width)
+                    acc += fusion.cell_sums(x, c)
+                yield pd.DataFrame({"sums": [acc.tobytes()]})
+
+            parts = packed.mapInPandas(sums, "sums binary").collect()
+            total = sum(np.frombuffer(r["sums"], dtype=np.float64).reshape(centroids.shape) for r in parts)
+            moved = centroids
+            centroids = fusion.update_centroids(centroids, total)
+            log.info("[join] refine pass %d/%d: mean centroid move %.4f", done + 1, passes,
+                     float(np.mean(1 - np.sum(moved * centroids, axis=1))))
+    finally:
+        packed.unpersist()
     return centroids
 
 
