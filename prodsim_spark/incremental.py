@@ -229,7 +229,11 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
               .groupBy("product_id")
               .agg(F.sort_array(F.collect_list(F.struct((-F.col("n.score")).alias("key"), F.col("n.product_id").alias("id"),
                                                         F.col("n").alias("n")))).alias("ranked")))
-    found = ranked.select("product_id", F.transform(F.slice("ranked", 1, k), lambda e: e["n"]).alias("neighbours"))
+    # a neighbour listed twice, as an old entry and as a candidate, is kept once (its better place): that
+    # happens only on a re-run after a run that crashed between the lists' MERGE and the state's write
+    # (the lists then already hold the new products the old state does not know)
+    once = F.filter("ranked", lambda e, i: ~F.exists(F.slice("ranked", 1, i), lambda x: x["id"] == e["id"]))
+    found = ranked.select("product_id", F.transform(F.slice(once, 1, k), lambda e: e["n"]).alias("neighbours"))
     # a query with no candidate in any block (alone in its cell) still gets its (empty) list
     present = spark.createDataFrame([(i,) for i in q.ids], "product_id string")
     alone = present.join(found, "product_id", "left_anti").select(
