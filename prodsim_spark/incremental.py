@@ -35,7 +35,7 @@ from pyspark.sql import types as T
 
 from prodsim_spark import fusion
 from prodsim_spark.config import JoinSettings
-from prodsim_spark.join import NEIGHBOUR, is_exact, products_from_columns, standard_columns
+from prodsim_spark.join import NEIGHBOUR, is_exact, merged_top_k, products_from_columns, standard_columns
 
 log = logging.getLogger(__name__)
 
@@ -225,15 +225,12 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
            .join(candidates.select("product_id").distinct(), "product_id", "left_semi")
            .select("product_id", F.explode("neighbours").alias("n")))
     entry = F.struct(*[F.col(f"n.{f}").cast(NEIGHBOUR[f].dataType).alias(f) for f in NEIGHBOUR.fieldNames()])
-    ranked = (candidates.select("product_id", entry.alias("n")).unionByName(old.select("product_id", entry.alias("n")))
-              .groupBy("product_id")
-              .agg(F.sort_array(F.collect_list(F.struct((-F.col("n.score")).alias("key"), F.col("n.product_id").alias("id"),
-                                                        F.col("n").alias("n")))).alias("ranked")))
     # a neighbour listed twice, as an old entry and as a candidate, is kept once (its better place): that
     # happens only on a re-run after a run that crashed between the lists' MERGE and the state's write
     # (the lists then already hold the new products the old state does not know)
-    once = F.filter("ranked", lambda e, i: ~F.exists(F.slice("ranked", 1, i), lambda x: x["id"] == e["id"]))
-    found = ranked.select("product_id", F.transform(F.slice(once, 1, k), lambda e: e["n"]).alias("neighbours"))
+    found = merged_top_k(candidates.select("product_id", entry.alias("n"))
+                         .unionByName(old.select("product_id", entry.alias("n"))), "product_id", "n", k
+                         ).withColumnRenamed("entries", "neighbours")
     # a query with no candidate in any block (alone in its cell) still gets its (empty) list
     present = spark.createDataFrame([(i,) for i in q.ids], "product_id string")
     alone = present.join(found, "product_id", "left_anti").select(

@@ -164,6 +164,17 @@ def score_cell(pdf: pd.DataFrame, *, dims: dict[str, int], weights: FusionWeight
     return pd.DataFrame({f: pd.Series(out[f], dtype=object) for f in LISTS_SCHEMA.fieldNames()})
 
 
+def merged_top_k(rows: DataFrame, key: str, entry: str, k: int) -> DataFrame:
+    """(``key``, entries): per ``key``, its ``entry`` structs (each with ``score`` and ``product_id``) from
+    several places, merged: best score first, ties by product id, each product once (its best place:
+    two places may score it in their last bits apart), at most ``k``."""
+    ranked = rows.groupBy(key).agg(F.sort_array(F.collect_list(F.struct(
+        (-F.col(f"{entry}.score")).alias("neg"), F.col(f"{entry}.product_id").alias("pid"),
+        F.col(entry).alias("e")))).alias("all"))
+    once = F.filter("all", lambda e, i: ~F.exists(F.slice("all", 1, i), lambda x: x["pid"] == e["pid"]))
+    return ranked.select(key, F.transform(F.slice(once, 1, k), lambda x: x["e"]).alias("entries"))
+
+
 def _refine(products: DataFrame, centroids: np.ndarray, *, dims: dict[str, int], weights: FusionWeights,
             passes: int) -> np.ndarray:
     """Lloyd passes of spherical k-means over *all* products, on the executors. Centroids from a

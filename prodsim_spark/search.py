@@ -242,12 +242,10 @@ def search_products(query_vectors: DataFrame, products: DataFrame, index: Index,
     if probe == 1:  # one cell per query: its list is final there, in order (best first, ties by id)
         return found.select("query_id", results.cast(T.ArrayType(RESULT)).alias("results"))
     # each query's candidates from its probed cells, merged: best score first, ties by product id; a
-    # product stored in two probed cells is listed by both (the same entry: kept once)
+    # product stored in two probed cells is listed by both (kept once)
     per_result = found.select("query_id", results.alias("r")).select("query_id", F.explode("r").alias("r"))
-    ranked = per_result.groupBy("query_id").agg(F.array_distinct(F.sort_array(F.collect_list(F.struct(
-        (-F.col("r.score")).alias("neg"), F.col("r.product_id").alias("pid"), F.col("r").alias("r"))))).alias("all"))
-    return ranked.select("query_id", F.slice(F.transform("all", lambda x: x["r"]), 1, k).cast(
-        T.ArrayType(RESULT)).alias("results"))
+    return join.merged_top_k(per_result, "query_id", "r", k).select(
+        "query_id", F.col("entries").cast(T.ArrayType(RESULT)).alias("results"))
 
 
 def results_table(queries: DataFrame, found: DataFrame, query_vectors: DataFrame, index: Index) -> DataFrame:
