@@ -149,8 +149,10 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
     q_cells = np.stack(rows["cells"].to_numpy()) if len(rows) else np.zeros((0, spill), dtype=np.int64)
     is_new = np.isin(q.ids, np.array(changes.new, dtype=object))
     # queries by home cell (complete lists), new members by every cell they store a copy in
-    q_by_home = {int(c): np.flatnonzero(q_cells[:, 0] == c) for c in np.unique(q_cells[:, 0])}
-    m_by_cell = {int(c): np.flatnonzero(is_new & (q_cells == c).any(axis=1)) for c in np.unique(q_cells[is_new])}
+    new_rows = np.flatnonzero(is_new)
+    q_by_home = {c: rows for c, rows in enumerate(fusion.rows_by_cell(q_cells[:, :1], len(centroids))) if len(rows)}
+    m_by_cell = {c: new_rows[rows] for c, rows in enumerate(fusion.rows_by_cell(q_cells[is_new], len(centroids)))
+                 if len(rows)}
     shared = spark.sparkContext.broadcast({"q": q, "q_by_home": q_by_home, "m_by_cell": m_by_cell,
                                            "queries": set(queries_ids)})
     log.info("[join] incremental: %d new or changed, %d removed, %d unchanged products rescored; %d cells touched",
