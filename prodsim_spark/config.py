@@ -335,6 +335,12 @@ class GroupSettings(_Section):
     linkage: Literal["average", "none"] = "average"
     """average: average-linkage clustering of every pair's fused score inside each component (resists
     chaining); none: the thresholded connected components are the groups."""
+    text_specificity: bool = True
+    """In the average linkage, a text that n listings of a component share (cosine >= 0.99) weighs
+    1/sqrt(n) in their pairs' scores, so vague titles many products carry ("Juice") stop outvoting the
+    photos; texts no other listing has are unchanged, and so are pairs with nothing but text (the
+    renormalisation). Off: the join's weights as they are (for catalogs where sellers copy a product's
+    exact title and their photos of it differ widely)."""
 
 
 class QueryColumns(_Section):

@@ -101,9 +101,11 @@ def shared_content(avail: dict[str, np.ndarray]) -> np.ndarray | None:
 
 
 def pair_scores(q: Products, m: Products, weights: FusionWeights, *, price_scale: float,
-                same_source_penalty: float = 0.0):
+                same_source_penalty: float = 0.0, pair_weights: dict[str, np.ndarray] | None = None):
     """(score, parts) for every pair: (|q|, |m|) matrices, parts by name (see PARTS; only those in
-    play); score is NaN where the pair shares no content component (see module docstring)."""
+    play); score is NaN where the pair shares no content component (see module docstring).
+    ``pair_weights``: component -> (|q|, |m|) factors in [0, 1] on that component's weight, pair by pair
+    (the group stage's text specificity); the renormalisation then shifts the weight to the others."""
     weights = weights.as_dict()
     sims, avail = {}, {}
     for name in DENSE:
@@ -115,16 +117,18 @@ def pair_scores(q: Products, m: Products, weights: FusionWeights, *, price_scale
             sim, avail[name] = attribute_similarity(name, getattr(q, field)[:, None], getattr(m, field)[None, :],
                                                     price_scale)
             sims[name] = sim.astype(np.float32)
+    effective = {name: weights[name] * avail[name] * (pair_weights[name] if pair_weights and name in pair_weights else 1)
+                 for name in sims}
     total = np.zeros((len(q), len(m)), dtype=np.float32)
     for name in sims:
-        total += weights[name] * avail[name]
+        total += effective[name]
     comparable = total > 0
     content = shared_content(avail)
     if content is not None:
         comparable &= content
     with np.errstate(invalid="ignore", divide="ignore"):
         inv = np.where(comparable, 1.0 / total, np.nan).astype(np.float32)
-    contributions = {name: (weights[name] * avail[name] * sims[name] * inv).astype(np.float32) for name in sims}
+    contributions = {name: (effective[name] * sims[name] * inv).astype(np.float32) for name in sims}
     if same_source_penalty > 0:
         contributions["same_source"] = np.where(same_source(q.source[:, None], m.source[None, :]),
                                                 np.float32(-same_source_penalty), np.float32(0))

@@ -12,7 +12,9 @@
    fused score of *every* pair of its members is computed from their vectors, and clusters merge
    while their mean pairwise score is at least ``group.threshold``. A group then holds listings that
    are alike on average, not just linked by a chain of close pairs; this is what keeps look-alike
-   products of one kind apart.
+   products of one kind apart. With ``group.text_specificity``, a text shared by n of the part's
+   listings weighs 1/sqrt(n) in their pairs' scores (:func:`text_specificity`): a vague title that
+   many different products carry stops outvoting their photos.
 
 Groups table (``<output>/groups``), one row per catalog row:
 
@@ -133,6 +135,24 @@ class Linkage:
     join: JoinSettings
     threshold: float
     penalty: float
+    text_specificity: bool = True
+
+
+SAME_TEXT = 0.99  # text cosine at which two listings count as sharing one text (copies, case, spacing)
+
+
+def text_specificity(p: fusion.Products) -> np.ndarray | None:
+    """Per member of a part, 1/sqrt(n) where n is how many of the part's members (itself included) have
+    the same text (text cosine >= SAME_TEXT), or None when the part has no text vectors. Why: a text
+    that many listings of one component share ("Juice" on 170 photos of ten juices) says what kind of
+    product they are, not which one; pairs of such listings should be told apart by what else they have
+    (the photo). A text only one listing has keeps its full weight."""
+    vectors = p.vectors.get("text")
+    if vectors is None or not vectors.shape[1] or not p.has["text"].any():
+        return None
+    has = p.has["text"]
+    same = (vectors @ vectors.T >= SAME_TEXT) & np.outer(has, has)
+    return 1.0 / np.sqrt(np.maximum(same.sum(axis=1), 1))
 
 
 def average_linkage(pdf: pd.DataFrame, linkage: Linkage) -> pd.DataFrame:
@@ -148,8 +168,13 @@ def average_linkage(pdf: pd.DataFrame, linkage: Linkage) -> pd.DataFrame:
     ids = p.ids.astype(str)
     if n == 1:
         return pd.DataFrame({"product_id": ids, "group_id": ids, "group_size": [1], "representative": ids})
+    specificity = text_specificity(p) if linkage.text_specificity else None
+    pair_weights = None
+    if specificity is not None:  # a pair's text evidence is worth the less specific of its two texts
+        both = np.minimum(specificity[:, None], specificity[None, :]).astype(np.float32)
+        pair_weights = {"text": both, "lexical": both}
     score, _ = fusion.pair_scores(p, p, linkage.join.weights, price_scale=linkage.join.price_scale,
-                                  same_source_penalty=linkage.penalty)
+                                  same_source_penalty=linkage.penalty, pair_weights=pair_weights)
     score = np.nan_to_num(score, nan=0.0)
     np.fill_diagonal(score, 1.0)
     distance = np.clip(1.0 - (score + score.T) / 2, 0.0, 2.0)
@@ -177,7 +202,7 @@ def find_groups(products: DataFrame, neighbours: DataFrame, settings: GroupSetti
     edge_table = checkpoint(edges(neighbours, settings.threshold, mutual=settings.mutual))
     components = connected_components(products.select("product_id"), edge_table)
     parts, split = split_oversized(components, edge_table, settings)
-    linkage = Linkage(shape.dims, join_settings, settings.threshold, penalty)
+    linkage = Linkage(shape.dims, join_settings, settings.threshold, penalty, settings.text_specificity)
     sizes = parts.groupBy("part").agg(F.count("*").cast("int").alias("size"))
     parts = parts.join(sizes, "part")
     # a part of one or two products is its own group (two: their one edge already clears the

@@ -76,6 +76,31 @@ def test_average_linkage_keeps_look_alikes_apart_that_a_chain_joins():
     assert got.loc["A0", "group_size"] == 4 and got.loc["M", "group_size"] == 1
 
 
+def test_a_title_many_different_photos_share_does_not_outvote_the_photos():
+    """Grocery-like listings: twelve photos of two juices, all titled "Juice" (one text, one lexical
+    vector), and two text-only listings of a third product with its full name. The shared title weighs
+    1/sqrt(12) in the linkage, so the photos split the juices; the text-only pair, with nothing else to
+    compare, stays together. Without the specificity weight the title merges the two juices."""
+    rng = np.random.default_rng(1)
+    photo = np.linalg.qr(rng.normal(size=(32, 2)))[0].T
+    juice_a = photo[0] + 0.1 * rng.normal(size=(6, 32))
+    juice_b = 0.75 * photo[0] + 0.66 * photo[1] + 0.1 * rng.normal(size=(6, 32))  # a look-alike carton
+    title = rng.normal(size=(16,)).astype(np.float32)
+    full_name = rng.normal(size=(16,)).astype(np.float32)
+    ids = [f"A{i}" for i in range(6)] + [f"B{i}" for i in range(6)] + ["T0", "T1"]
+    texts = [title] * 12 + [full_name] * 2
+    pdf = pd.DataFrame({"product_id": ids, "text_embedding": texts, "lexical_embedding": texts,
+                        "image_embedding": list(np.vstack([juice_a, juice_b]).astype(np.float32)) + [None, None],
+                        "brand": -1, "category": -1, "log_price": np.nan, "source": -1})
+    dims = {"text": 16, "image": 32, "lexical": 16}
+    got = groups.average_linkage(pdf, groups.Linkage(dims, JoinSettings(), 0.8, 0.0)).set_index("product_id")
+    assert got.loc["A0", "group_size"] == 6 and got.loc["B0", "group_size"] == 6
+    assert got.loc["A0", "group_id"] != got.loc["B0", "group_id"]
+    assert got.loc["T0", "group_id"] == got.loc["T1", "group_id"] == "T0"
+    plain = groups.average_linkage(pdf, groups.Linkage(dims, JoinSettings(), 0.8, 0.0, text_specificity=False))
+    assert plain.set_index("product_id").loc["A0", "group_size"] == 12
+
+
 def test_pairwise_and_bcubed_scores(spark):
     predicted = spark.createDataFrame([("a", "a"), ("b", "a"), ("c", "a"), ("d", "d"), ("e", "e")],
                                       "product_id string, group_id string")
