@@ -321,7 +321,7 @@ class GroupSettings(_Section):
 
     enabled: bool = True
     """prodsim run writes <output>/groups after the neighbours."""
-    threshold: float = Field(default=0.75, ge=0, le=1)
+    threshold: float = Field(default=0.70, ge=0, le=1)
     """Neighbour pairs scoring at least this are edges; inside a component, clusters merge while their
     mean pairwise fused score is at least this. Higher: purer, smaller groups (precision up, recall
     down). prodsim evaluate --groups sweeps it against labels and can write the best one."""
@@ -336,9 +336,9 @@ class GroupSettings(_Section):
     """average: average-linkage clustering of every pair's fused score inside each component (resists
     chaining); none: the thresholded connected components are the groups."""
     text_specificity: bool = True
-    """In the average linkage, a text that n listings of a component share (cosine >= 0.99) weighs
-    1/sqrt(n) in their pairs' scores, so vague titles many products carry ("Juice") stop outvoting the
-    photos; texts no other listing has are unchanged, and so are pairs with nothing but text (the
+    """In the average linkage, a text that n other listings of a component share (cosine >= 0.99)
+    weighs 1/sqrt(n) in their pairs' scores, so vague titles many products carry ("Juice") stop
+    outvoting the photos; a text at most one other listing has (a copy) is unchanged, and so are pairs with nothing but text (the
     renormalisation). Off: the join's weights as they are (for catalogs where sellers copy a product's
     exact title and their photos of it differ widely)."""
 

@@ -12,8 +12,8 @@
    fused score of *every* pair of its members is computed from their vectors, and clusters merge
    while their mean pairwise score is at least ``group.threshold``. A group then holds listings that
    are alike on average, not just linked by a chain of close pairs; this is what keeps look-alike
-   products of one kind apart. With ``group.text_specificity``, a text shared by n of the part's
-   listings weighs 1/sqrt(n) in their pairs' scores (:func:`text_specificity`): a vague title that
+   products of one kind apart. With ``group.text_specificity``, a text that n other listings of the
+   part share weighs 1/sqrt(n) in their pairs' scores (:func:`text_specificity`): a vague title that
    many different products carry stops outvoting their photos.
 
 Groups table (``<output>/groups``), one row per catalog row:
@@ -142,17 +142,17 @@ SAME_TEXT = 0.99  # text cosine at which two listings count as sharing one text 
 
 
 def text_specificity(p: fusion.Products) -> np.ndarray | None:
-    """Per member of a part, 1/sqrt(n) where n is how many of the part's members (itself included) have
-    the same text (text cosine >= SAME_TEXT), or None when the part has no text vectors. Why: a text
-    that many listings of one component share ("Juice" on 170 photos of ten juices) says what kind of
-    product they are, not which one; pairs of such listings should be told apart by what else they have
-    (the photo). A text only one listing has keeps its full weight."""
+    """Per member of a part, 1/sqrt(n) where n is how many *other* members have the same text (text
+    cosine >= SAME_TEXT; at least 1), or None when the part has no text vectors. Why: a text that many
+    listings of one component share ("Juice" on 170 photos of ten juices) says what kind of product
+    they are, not which one; pairs of such listings should be told apart by what else they have (the
+    photo). A text that one other listing has too is a copy, evidence of one product: full weight."""
     vectors = p.vectors.get("text")
     if vectors is None or not vectors.shape[1] or not p.has["text"].any():
         return None
     has = p.has["text"]
     same = (vectors @ vectors.T >= SAME_TEXT) & np.outer(has, has)
-    return 1.0 / np.sqrt(np.maximum(same.sum(axis=1), 1))
+    return 1.0 / np.sqrt(np.maximum(same.sum(axis=1) - 1, 1))
 
 
 def average_linkage(pdf: pd.DataFrame, linkage: Linkage) -> pd.DataFrame:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from prodsim_spark import cli, groups
+from prodsim_spark import cli, groups, join
 from prodsim_spark.config import GroupSettings, JoinSettings, load_config
 from prodsim_spark.evaluate import group_metrics
 from prodsim_spark.tables import GROUPS, RunTables
@@ -79,7 +79,7 @@ def test_average_linkage_keeps_look_alikes_apart_that_a_chain_joins():
 def test_a_title_many_different_photos_share_does_not_outvote_the_photos():
     """Grocery-like listings: twelve photos of two juices, all titled "Juice" (one text, one lexical
     vector), and two text-only listings of a third product with its full name. The shared title weighs
-    1/sqrt(12) in the linkage, so the photos split the juices; the text-only pair, with nothing else to
+    1/sqrt(11) in the linkage, so the photos split the juices; the text-only pair, with nothing else to
     compare, stays together. Without the specificity weight the title merges the two juices."""
     rng = np.random.default_rng(1)
     photo = np.linalg.qr(rng.normal(size=(32, 2)))[0].T
@@ -93,6 +93,8 @@ def test_a_title_many_different_photos_share_does_not_outvote_the_photos():
                         "image_embedding": list(np.vstack([juice_a, juice_b]).astype(np.float32)) + [None, None],
                         "brand": -1, "category": -1, "log_price": np.nan, "source": -1})
     dims = {"text": 16, "image": 32, "lexical": 16}
+    specificity = groups.text_specificity(join.products_from_columns(pdf, dims))
+    np.testing.assert_allclose(specificity, [11 ** -0.5] * 12 + [1.0, 1.0], rtol=1e-6)  # a copy keeps its weight
     got = groups.average_linkage(pdf, groups.Linkage(dims, JoinSettings(), 0.8, 0.0)).set_index("product_id")
     assert got.loc["A0", "group_size"] == 6 and got.loc["B0", "group_size"] == 6
     assert got.loc["A0", "group_id"] != got.loc["B0", "group_id"]
