@@ -338,9 +338,9 @@ class GroupSettings(_Section):
     text_specificity: bool = True
     """In the average linkage, a text that n other listings of a component share (cosine >= 0.99)
     weighs 1/sqrt(n) in their pairs' scores, so vague titles many products carry ("Juice") stop
-    outvoting the photos; a text at most one other listing has (a copy) is unchanged, and so are pairs with nothing but text (the
-    renormalisation). Off: the join's weights as they are (for catalogs where sellers copy a product's
-    exact title and their photos of it differ widely)."""
+    outvoting the photos; a text at most one other listing has (a copy) is unchanged, and so are
+    pairs with nothing but text (the renormalisation). Off: the join's weights as they are (for
+    catalogs where sellers copy a product's exact title and their photos of it differ widely)."""
 
 
 class QueryColumns(_Section):

@@ -117,8 +117,8 @@ def pair_scores(q: Products, m: Products, weights: FusionWeights, *, price_scale
             sim, avail[name] = attribute_similarity(name, getattr(q, field)[:, None], getattr(m, field)[None, :],
                                                     price_scale)
             sims[name] = sim.astype(np.float32)
-    effective = {name: weights[name] * avail[name] * (pair_weights[name] if pair_weights and name in pair_weights else 1)
-                 for name in sims}
+    pair_weights = pair_weights or {}
+    effective = {name: weights[name] * avail[name] * pair_weights.get(name, 1) for name in sims}
     total = np.zeros((len(q), len(m)), dtype=np.float32)
     for name in sims:
         total += effective[name]

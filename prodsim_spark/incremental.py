@@ -150,9 +150,10 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
     is_new = np.isin(q.ids, np.array(changes.new, dtype=object))
     # queries by home cell (complete lists), new members by every cell they store a copy in
     new_rows = np.flatnonzero(is_new)
-    q_by_home = {c: rows for c, rows in enumerate(fusion.rows_by_cell(q_cells[:, :1], len(centroids))) if len(rows)}
-    m_by_cell = {c: new_rows[rows] for c, rows in enumerate(fusion.rows_by_cell(q_cells[is_new], len(centroids)))
-                 if len(rows)}
+    q_by_home = {c: members for c, members in enumerate(fusion.rows_by_cell(q_cells[:, :1], len(centroids)))
+                 if len(members)}
+    m_by_cell = {c: new_rows[members] for c, members in enumerate(fusion.rows_by_cell(q_cells[is_new], len(centroids)))
+                 if len(members)}
     shared = spark.sparkContext.broadcast({"q": q, "q_by_home": q_by_home, "m_by_cell": m_by_cell,
                                            "queries": set(queries_ids)})
     log.info("[join] incremental: %d new or changed, %d removed, %d unchanged products rescored; %d cells touched",
