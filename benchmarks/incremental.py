@@ -74,7 +74,7 @@ def bench_incremental(spark, config: ProdsimConfig, *, n: int = 400_000, changed
     day_one.count()
     started = time.perf_counter()
     cells = join.plan_cells(day_one, settings)
-    io.write_delta(join.find_neighbours(day_one, settings, cells), lists_path)
+    io.write_delta(join.find_neighbours(day_one, settings, cells), lists_path, deletion_vectors=True)
     io.write_delta(incremental.input_state(day_one, cells.centroids, settings.weights, cells.shape.dims,
                                            settings.spill), members_path)
     day_one_s = time.perf_counter() - started
@@ -105,7 +105,8 @@ def bench_incremental(spark, config: ProdsimConfig, *, n: int = 400_000, changed
                                             shape.several_sources).persist()
     lists_updated = updated.count()
     step("rescore")
-    io.merge_table(incremental.merge_lists(old_lists, updated, changes.removed), lists_path, keys=("product_id",))
+    removed = spark.createDataFrame([(i,) for i in changes.removed], "product_id string")
+    io.merge_changes(updated, removed, lists_path, keys=("product_id",))
     step("merge")
     io.write_delta(state, members_path)
     step("state_write")

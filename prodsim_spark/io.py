@@ -177,27 +177,35 @@ def delta_commit(path: str):
         raise
 
 
-def write_delta(df: DataFrame, path: str, *, mode: str = "overwrite") -> None:
-    """Write a Delta table in one transaction (a crash leaves the previous version readable)."""
+def write_delta(df: DataFrame, path: str, *, mode: str = "overwrite", deletion_vectors: bool = False) -> None:
+    """Write a Delta table in one transaction (a crash leaves the previous version readable).
+    ``deletion_vectors``: a later MERGE marks the rows it replaces as deleted instead of rewriting
+    the files that hold them (its write then grows with the rows changed, not the table); readers
+    need Delta reader version 3 (delta-spark 2.3+, Databricks Runtime 12.2+)."""
+    writer = df.write.format("delta").mode(mode).option("overwriteSchema", "true" if mode == "overwrite" else "false")
+    if deletion_vectors:
+        writer = writer.option("delta.enableDeletionVectors", "true")
     with delta_commit(path):
-        (df.write.format("delta").mode(mode).option("overwriteSchema", "true" if mode == "overwrite" else "false")
-         .save(path))
+        writer.save(path)
 
 
-def merge_table(table: DataFrame, path: str, *, keys: tuple[str, ...] = ("product_id", "source_row")) -> None:
-    """MERGE a whole new version of a table into the one at ``path`` in one transaction: rows whose
-    other columns changed are updated, new rows inserted, rows gone deleted; rows that did not change
-    are not rewritten. ``keys`` identify a row (a neighbours row: its catalog row's product_id and
-    source_row; null-safe)."""
+def merge_changes(upserts: DataFrame, deletes: DataFrame, path: str, *, keys: tuple[str, ...]) -> None:
+    """Apply a table's changes in one MERGE transaction: ``upserts`` (whole rows) replace the rows
+    with their keys when another column differs, or are inserted; the rows with the keys in
+    ``deletes`` are deleted. Rows named in neither are not read into the source nor rewritten, so the
+    MERGE costs what changed, not the table. ``keys`` identify a row (null-safe)."""
     from delta.tables import DeltaTable
 
-    columns = table.columns
-    changed = " OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in columns if c not in keys)
-    merge = (DeltaTable.forPath(table.sparkSession, path).alias("t")
-             .merge(table.alias("s"), " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys))
-             .whenMatchedUpdate(condition=changed, set={c: f"s.`{c}`" for c in columns})
-             .whenNotMatchedInsert(values={c: f"s.`{c}`" for c in columns})
-             .whenNotMatchedBySourceDelete())
+    columns = upserts.columns
+    drop = "_prodsim_drop"
+    source = (upserts.withColumn(drop, F.lit(False))
+              .unionByName(deletes.select(*keys).withColumn(drop, F.lit(True)), allowMissingColumns=True))
+    changed = " OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in columns if c not in keys) or "false"
+    merge = (DeltaTable.forPath(upserts.sparkSession, path).alias("t")
+             .merge(source.alias("s"), " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys))
+             .whenMatchedDelete(condition=f"s.{drop}")
+             .whenMatchedUpdate(condition=f"NOT s.{drop} AND ({changed})", set={c: f"s.`{c}`" for c in columns})
+             .whenNotMatchedInsert(condition=f"NOT s.{drop}", values={c: f"s.`{c}`" for c in columns}))
     with delta_commit(path):
         merge.execute()
 

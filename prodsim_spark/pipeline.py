@@ -175,8 +175,9 @@ def run_join(spark: SparkSession, output: str, config: ProdsimConfig, result: Ru
                 updated = incremental.update_neighbours(products, state, old_lists, changes, previous.centroids,
                                                         shape.dims, config.join, shape.several_sources).persist()
                 updated_lists = updated.count()  # scored once, before the MERGE (which reads its source twice)
-                found = incremental.merge_lists(old_lists, updated, changes.removed)
-                io.merge_table(join.neighbours_table(catalog, found, embeddings), path)
+                upserts, deletes = incremental.neighbours_changes(catalog, embeddings, tables.read(spark, NEIGHBOURS),
+                                                                  old_lists, updated, changes, state)
+                io.merge_changes(upserts, deletes, path, keys=("product_id", "source_row"))
                 updated.unpersist()
                 built = previous
                 built.meta["changed_since_build"] += changes.changed
@@ -194,7 +195,9 @@ def run_join(spark: SparkSession, output: str, config: ProdsimConfig, result: Ru
             products = join_products(catalog, embeddings, config, with_lexical=with_lexical, idf=idf)
             cells = join.plan_cells(products, config.join)
             found = join.find_neighbours(products, config.join, cells)
-            io.write_delta(join.neighbours_table(catalog, found, embeddings), path)
+            # deletion vectors: an incremental re-run's MERGE then writes the lists it changes, not the table
+            io.write_delta(join.neighbours_table(catalog, found, embeddings), path,
+                           deletion_vectors=config.join.incremental)
             built = index.build_index(cells.centroids, idf, cells.shape.dims, config, *encoder_ids(embeddings),
                                       several_sources=cells.shape.several_sources, products=cells.shape.count)
             state = incremental.input_state(products, cells.centroids, config.join.weights, cells.shape.dims,
