@@ -74,7 +74,7 @@ def bench_incremental(spark, config: ProdsimConfig, *, n: int = 400_000, changed
     day_one.count()
     started = time.perf_counter()
     cells = join.plan_cells(day_one, settings)
-    io.write_delta(join.find_neighbours(day_one, settings, cells), lists_path, deletion_vectors=True)
+    io.write_delta(join.find_neighbours(day_one, settings, cells), lists_path)
     io.write_delta(incremental.input_state(day_one, cells.centroids, settings.weights, cells.shape.dims,
                                            settings.spill), members_path)
     day_one_s = time.perf_counter() - started

@@ -24,6 +24,7 @@ when the cells have drifted, the neighbours stage plans new cells instead: see
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -143,6 +144,7 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
     if not queries_ids:
         return spark.createDataFrame([], T.StructType([T.StructField("product_id", T.StringType()),
                                                         T.StructField("neighbours", T.ArrayType(NEIGHBOUR))]))
+    started = time.perf_counter()
     rows = products.join(F.broadcast(spark.createDataFrame([(i,) for i in queries_ids], "product_id string")),
                          "product_id", "left_semi").toPandas()
     q = products_from_columns(rows, dims)
@@ -156,8 +158,9 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
                  if len(members)}
     shared = spark.sparkContext.broadcast({"q": q, "q_by_home": q_by_home, "m_by_cell": m_by_cell,
                                            "queries": set(queries_ids)})
-    log.info("[join] incremental: %d new or changed, %d removed, %d unchanged products rescored; %d cells touched",
-             len(changes.new), len(changes.removed), len(changes.rescored), len(set(q_by_home) | set(m_by_cell)))
+    log.info("[join] incremental: %d new or changed, %d removed, %d unchanged products rescored; %d cells touched "
+             "(queries collected in %.1f s)", len(changes.new), len(changes.removed), len(changes.rescored),
+             len(set(q_by_home) | set(m_by_cell)), time.perf_counter() - started)
 
     def scores(a: fusion.Products, b: fusion.Products):
         score, parts = fusion.pair_scores(a, b, weights, price_scale=scale, same_source_penalty=penalty)
@@ -222,6 +225,9 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
     candidates = scanned.mapInPandas(scan, CANDIDATE_SCHEMA).select(
         "product_id", F.struct(*[F.col(f"n_{f}").alias(f) for f in NEIGHBOUR.fieldNames()]).alias("n")
     ).persist()  # read three times below: the scan runs once
+    started = time.perf_counter()
+    log.info("[join] incremental scan: %d candidates in %.1f s", candidates.count(), time.perf_counter() - started)
+    started = time.perf_counter()
     # kept lists take their old entries too (none of them changed or removed: else they'd be rescored)
     query_ids = spark.createDataFrame([(i,) for i in queries_ids], "product_id string")
     old = (previous_lists.join(F.broadcast(query_ids), "product_id", "left_anti")
@@ -239,7 +245,7 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
     alone = present.join(found, "product_id", "left_anti").select(
         "product_id", F.array().cast(T.ArrayType(NEIGHBOUR)).alias("neighbours"))
     result = found.unionByName(alone).persist()
-    result.count()
+    log.info("[join] incremental: %d lists ranked again in %.1f s", result.count(), time.perf_counter() - started)
     candidates.unpersist()
     return result
 

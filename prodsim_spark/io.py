@@ -177,16 +177,11 @@ def delta_commit(path: str):
         raise
 
 
-def write_delta(df: DataFrame, path: str, *, mode: str = "overwrite", deletion_vectors: bool = False) -> None:
-    """Write a Delta table in one transaction (a crash leaves the previous version readable).
-    ``deletion_vectors``: a later MERGE marks the rows it replaces as deleted instead of rewriting
-    the files that hold them (its write then grows with the rows changed, not the table); readers
-    need Delta reader version 3 (delta-spark 2.3+, Databricks Runtime 12.2+)."""
-    writer = df.write.format("delta").mode(mode).option("overwriteSchema", "true" if mode == "overwrite" else "false")
-    if deletion_vectors:
-        writer = writer.option("delta.enableDeletionVectors", "true")
+def write_delta(df: DataFrame, path: str, *, mode: str = "overwrite") -> None:
+    """Write a Delta table in one transaction (a crash leaves the previous version readable)."""
     with delta_commit(path):
-        writer.save(path)
+        (df.write.format("delta").mode(mode).option("overwriteSchema", "true" if mode == "overwrite" else "false")
+         .save(path))
 
 
 def merge_changes(upserts: DataFrame, deletes: DataFrame, path: str, *, keys: tuple[str, ...]) -> None:

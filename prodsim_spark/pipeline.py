@@ -195,9 +195,7 @@ def run_join(spark: SparkSession, output: str, config: ProdsimConfig, result: Ru
             products = join_products(catalog, embeddings, config, with_lexical=with_lexical, idf=idf)
             cells = join.plan_cells(products, config.join)
             found = join.find_neighbours(products, config.join, cells)
-            # deletion vectors: an incremental re-run's MERGE then writes the lists it changes, not the table
-            io.write_delta(join.neighbours_table(catalog, found, embeddings), path,
-                           deletion_vectors=config.join.incremental)
+            io.write_delta(join.neighbours_table(catalog, found, embeddings), path)
             built = index.build_index(cells.centroids, idf, cells.shape.dims, config, *encoder_ids(embeddings),
                                       several_sources=cells.shape.several_sources, products=cells.shape.count)
             state = incremental.input_state(products, cells.centroids, config.join.weights, cells.shape.dims,
