@@ -68,6 +68,11 @@ def stack_vectors(values, dim: int) -> tuple[np.ndarray, np.ndarray]:
         has[:] = [v is not None and len(v) == dim for v in values]
         if has.any():  # one C-level stack, not a Python loop of row copies
             out[has] = np.stack([values[i] for i in np.flatnonzero(has)])
+    return unit_rows(out, has)
+
+
+def unit_rows(out: np.ndarray, has: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows scaled to unit length in place; a zero row counts as missing."""
     norms = np.linalg.norm(out, axis=1)
     has &= norms > 0
     out[has] /= norms[has, None]

@@ -30,13 +30,17 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
+from pyspark.sql.pandas.types import to_arrow_schema
 
 from prodsim_spark import fusion
 from prodsim_spark.config import JoinSettings
-from prodsim_spark.join import NEIGHBOUR, is_exact, merged_top_k, products_from_columns, standard_columns
+from prodsim_spark.join import (NEIGHBOUR, is_exact, merged_top_k, products_from_arrow, products_from_columns,
+                                standard_columns)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,7 @@ BROADCAST_STATE_ROWS = 1_000_000
 # from matrix products of other shapes, so they may differ in their last bits: candidates this close
 # below are kept too, and the merge of old and new entries ranks them exactly.
 SCORE_SLACK = 1e-5
+SCAN_TASKS_PER_CORE = 4
 
 # the scan's output: one row per (product, candidate neighbour)
 CANDIDATE_SCHEMA = T.StructType([T.StructField("product_id", T.StringType()),
@@ -181,31 +186,35 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
                                      **{f"n_{f}": parts[f][r, c] if f in parts else np.zeros(len(r), np.float32)
                                         for f in fusion.PARTS}}))
 
-    def blocks(batches: Iterator[pd.DataFrame], rows: int = 250_000) -> Iterator[pd.DataFrame]:
+    def blocks(batches: Iterator[pa.RecordBatch], rows: int = 250_000) -> Iterator[pa.Table]:
         # whole partitions (up to `rows`: ~1 GB of 384-d rows) at a time: the per-cell loop below runs
         # once per block, and its cost is mostly per call
         pending, size = [], 0
-        for pdf in batches:
-            pending.append(pdf)
-            size += len(pdf)
+        for batch in batches:
+            pending.append(batch)
+            size += batch.num_rows
             if size >= rows:
-                yield pd.concat(pending, ignore_index=True)
+                yield pa.Table.from_batches(pending)
                 pending, size = [], 0
         if pending:
-            yield pd.concat(pending, ignore_index=True)
+            yield pa.Table.from_batches(pending)
 
-    def scan(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    out_schema = to_arrow_schema(CANDIDATE_SCHEMA)
+
+    def scan(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        # Arrow, not pandas: the vectors become one matrix without a Python object per row
         s = shared.value
         q_all = s["q"]
-        for pdf in blocks(batches):
-            if not len(pdf):
+        for table in blocks(batches):
+            if not table.num_rows:
                 continue
-            p = products_from_columns(pdf, dims)
-            cells = np.stack(pdf["cells"].to_numpy())
-            floor = pdf["floor"].to_numpy(dtype=np.float64, na_value=-np.inf) - SCORE_SLACK
+            p = products_from_arrow(table, dims)
+            cells = table.column("cells").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+            floor = pc.fill_null(table.column("floor").cast("double"), -np.inf).to_numpy(zero_copy_only=False) \
+                - SCORE_SLACK
             # the rows storing a copy in each cell, and the rows homed there, by one sort each
             stored = fusion.rows_by_cell(cells, len(centroids))
-            kept = ~pdf["product_id"].isin(s["queries"]).to_numpy()
+            kept = ~pd.Index(p.ids).isin(s["queries"])
             homed = fusion.rows_by_cell(cells[:, :1], len(centroids))
             out: list[pd.DataFrame] = []
             # complete lists: a query against every member of its home cell found in this block
@@ -218,11 +227,14 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
                 if len(rows):
                     emit(out, p.take(rows), q_all.take(idx), floor[rows])
             if out:
-                yield pd.concat(out, ignore_index=True)
+                yield pa.RecordBatch.from_pandas(pd.concat(out, ignore_index=True), schema=out_schema,
+                                                 preserve_index=False)
 
-    # one partition per core (coalesce: no shuffle), so that each task's blocks are as few as they can be
-    scanned = products.coalesce(max(1, spark.sparkContext.defaultParallelism))
-    candidates = scanned.mapInPandas(scan, CANDIDATE_SCHEMA).select(
+    # a few partitions per core (coalesce: no shuffle): few blocks, as the per-cell loop costs per call,
+    # but more tasks than cores, so that unevenly coalesced partitions still share the cores (with one
+    # task per core, measured at 200k: one task had 150k rows, the other 50k)
+    scanned = products.coalesce(max(1, SCAN_TASKS_PER_CORE * spark.sparkContext.defaultParallelism))
+    candidates = scanned.mapInArrow(scan, CANDIDATE_SCHEMA).select(
         "product_id", F.struct(*[F.col(f"n_{f}").alias(f) for f in NEIGHBOUR.fieldNames()]).alias("n")
     ).persist()  # read three times below: the scan runs once
     started = time.perf_counter()

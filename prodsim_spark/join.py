@@ -94,6 +94,38 @@ def products_from_columns(pdf: pd.DataFrame, dims: dict[str, int]) -> fusion.Pro
     return _products(pdf, {m: fusion.stack_vectors(pdf[_vector_col(m)].tolist(), d) for m, d in dims.items()})
 
 
+def arrow_vectors(column, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`fusion.stack_vectors` of an Arrow list<float> column (null or another length: missing),
+    without a Python object per row: on a block of 100k products the pandas path (one numpy array
+    per row, then a stack) took longer than all the scoring of an incremental scan."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(arr)
+    out, has = np.zeros((n, dim), dtype=np.float32), np.zeros(n, dtype=bool)
+    if dim and n:
+        has = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False) == dim
+        if has.any():
+            kept = arr if has.all() else arr.filter(pa.array(has))
+            out[has] = kept.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+    return fusion.unit_rows(out, has)
+
+
+def products_from_arrow(table, dims: dict[str, int]) -> fusion.Products:
+    """:func:`products_from_columns` of an Arrow table or record batch with the same columns."""
+    import pyarrow.compute as pc
+
+    def ints(name: str) -> np.ndarray:
+        return pc.fill_null(table.column(name), -1).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+
+    vectors = {m: arrow_vectors(table.column(_vector_col(m)), d) for m, d in dims.items()}
+    log_price = pc.fill_null(table.column("log_price").cast("double"), float("nan")).to_numpy(zero_copy_only=False)
+    return fusion.Products(table.column("product_id").to_numpy(zero_copy_only=False).astype(object),
+                           {m: v[0] for m, v in vectors.items()}, {m: v[1] for m, v in vectors.items()},
+                           ints("brand"), ints("category"), log_price, ints("source"))
+
+
 def unpack_vectors(values, dim: int) -> tuple[np.ndarray, np.ndarray]:
     out = np.zeros((len(values), dim), dtype=np.float32)
     has = np.array([v is not None for v in values], dtype=bool)

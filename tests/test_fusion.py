@@ -161,3 +161,20 @@ def test_a_pair_with_no_shared_content_is_never_listed():
     # with no content weight at all, the attributes are all there is: then they do compare
     only_price, _ = fusion.pair_scores(p, p, FusionWeights.only(price=1.0), price_scale=0.5)
     assert np.isclose(only_price[0, 1], 1.0)
+
+
+def test_arrow_vectors_read_as_the_pandas_path_does():
+    """The incremental scan reads vectors from Arrow without a Python object per row; missing, zero and
+    wrong-length vectors must come out as the pandas path (fusion.stack_vectors) makes them."""
+    import pyarrow as pa
+
+    from prodsim_spark.join import arrow_vectors
+
+    rows = [[3.0, 4.0, 0.0], None, [0.0, 0.0, 0.0], [1.0, 2.0], [0.0, 1.0, 0.0]]
+    column = pa.chunked_array([pa.array(rows[:2], pa.list_(pa.float32())), pa.array(rows[2:], pa.list_(pa.float32()))])
+    got, got_has = arrow_vectors(column, 3)
+    want, want_has = fusion.stack_vectors([None if r is None else np.array(r, np.float32) for r in rows], 3)
+    assert got_has.tolist() == want_has.tolist() == [True, False, False, False, True]
+    assert np.allclose(got, want) and np.allclose(got[0], [0.6, 0.8, 0.0])
+    got, got_has = arrow_vectors(pa.array([[1.0, 0.0]] * 4, pa.list_(pa.float32())), 2)  # none missing
+    assert got_has.all() and got.shape == (4, 2)
