@@ -39,8 +39,8 @@ from pyspark.sql.pandas.types import to_arrow_schema
 
 from prodsim_spark import fusion
 from prodsim_spark.config import JoinSettings
-from prodsim_spark.join import (NEIGHBOUR, is_exact, merged_top_k, products_from_arrow, products_from_columns,
-                                standard_columns)
+from prodsim_spark.join import (NEIGHBOUR, is_exact, merged_top_k, neighbours_table, products_from_arrow,
+                                products_from_columns, standard_columns)
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,11 @@ def input_state(products: DataFrame, centroids: np.ndarray, weights, dims: dict[
     kept = both.where(same).select("product_id", "input_hash", F.col("old_home").alias("home"),
                                    F.col("old_cells").alias("cells"))
     return kept.unionByName(both.where(~same).select("product_id", "input_hash", *cols).mapInPandas(route, STATE_SCHEMA))
+
+
+def id_frame(spark, ids) -> DataFrame:
+    """A one-column (product_id) DataFrame of ids held on the driver."""
+    return spark.createDataFrame([(i,) for i in ids], "product_id string")
 
 
 def _small(state: DataFrame) -> DataFrame:
@@ -150,8 +155,8 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
         return spark.createDataFrame([], T.StructType([T.StructField("product_id", T.StringType()),
                                                         T.StructField("neighbours", T.ArrayType(NEIGHBOUR))]))
     started = time.perf_counter()
-    rows = products.join(F.broadcast(spark.createDataFrame([(i,) for i in queries_ids], "product_id string")),
-                         "product_id", "left_semi").toPandas()
+    query_ids = id_frame(spark, queries_ids)
+    rows = products.join(F.broadcast(query_ids), "product_id", "left_semi").toPandas()
     q = products_from_columns(rows, dims)
     q_cells = np.stack(rows["cells"].to_numpy()) if len(rows) else np.zeros((0, spill), dtype=np.int64)
     is_new = np.isin(q.ids, np.array(changes.new, dtype=object))
@@ -238,10 +243,10 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
         "product_id", F.struct(*[F.col(f"n_{f}").alias(f) for f in NEIGHBOUR.fieldNames()]).alias("n")
     ).persist()  # read three times below: the scan runs once
     started = time.perf_counter()
-    log.info("[join] incremental scan: %d candidates in %.1f s", candidates.count(), time.perf_counter() - started)
+    found_candidates = candidates.count()
+    log.info("[join] incremental scan: %d candidates in %.1f s", found_candidates, time.perf_counter() - started)
     started = time.perf_counter()
     # kept lists take their old entries too (none of them changed or removed: else they'd be rescored)
-    query_ids = spark.createDataFrame([(i,) for i in queries_ids], "product_id string")
     old = (previous_lists.join(F.broadcast(query_ids), "product_id", "left_anti")
            .join(candidates.select("product_id").distinct(), "product_id", "left_semi")
            .select("product_id", F.explode("neighbours").alias("n")))
@@ -253,11 +258,12 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
                          .unionByName(old.select("product_id", entry.alias("n"))), "product_id", "n", k
                          ).withColumnRenamed("entries", "neighbours")
     # a query with no candidate in any block (alone in its cell) still gets its (empty) list
-    present = spark.createDataFrame([(i,) for i in q.ids], "product_id string")
+    present = id_frame(spark, q.ids)
     alone = present.join(found, "product_id", "left_anti").select(
         "product_id", F.array().cast(T.ArrayType(NEIGHBOUR)).alias("neighbours"))
     result = found.unionByName(alone).persist()
-    log.info("[join] incremental: %d lists ranked again in %.1f s", result.count(), time.perf_counter() - started)
+    ranked = result.count()
+    log.info("[join] incremental: %d lists ranked again in %.1f s", ranked, time.perf_counter() - started)
     candidates.unpersist()
     return result
 
@@ -270,30 +276,26 @@ def neighbours_changes(catalog: DataFrame, embeddings: DataFrame, old_table: Dat
     or got another status or reason, or its product has no list or no id (rejected, no vector: a small row); a
     row whose catalog row is gone is deleted. Every other row stands as it is, so the MERGE reads and
     writes what changed, not the whole table (at 1% changed, a tenth of the rows)."""
-    from prodsim_spark.join import neighbours_table
-
-    spark = catalog.sparkSession
     keys = ["product_id", "source_row"]
     rows = catalog.select(*keys, "status", "reason")
-    listed = old_table.select(*keys, F.col("status").alias("was_status"), F.col("reason").alias("was_reason"),
-                              F.lit(True).alias("listed"))
-    moved = (rows.join(listed, keys, "left")
-             .where(F.col("listed").isNull() | ~F.col("status").eqNullSafe(F.col("was_status"))
-                    | ~F.col("reason").eqNullSafe(F.col("was_reason"))).select("product_id"))
+    listed = old_table.select(*[F.col(k).alias(f"was_{k}") for k in keys], F.col("status").alias("was_status"),
+                              F.col("reason").alias("was_reason"))
+    # one pass over both tables' keys (null-safe: rejected rows may have no id): a catalog row the table
+    # lacks or holds with another status or reason is recomputed; a table row the catalog lacks goes
+    both = rows.join(listed, [F.col(k).eqNullSafe(F.col(f"was_{k}")) for k in keys], "full")
+    moved = both.where(F.col("source_row").isNotNull() & (
+        F.col("was_source_row").isNull() | ~F.col("status").eqNullSafe(F.col("was_status"))
+        | ~F.col("reason").eqNullSafe(F.col("was_reason")))).select("product_id")
+    deletes = both.where(F.col("source_row").isNull()).select(*[F.col(f"was_{k}").alias(k) for k in keys])
     without_list = rows.join(state.select("product_id"), "product_id", "left_anti").select("product_id")
     ids = (moved.unionByName(without_list).unionByName(updated.select("product_id"))
-           .unionByName(spark.createDataFrame([(i,) for i in changes.removed], "product_id string"))
-           .distinct())
+           .unionByName(id_frame(catalog.sparkSession, changes.removed)).distinct())
     # the affected products' lists: the updated ones, the others as they were
     found = (old_lists.join(ids, "product_id", "left_semi").join(updated.select("product_id"), "product_id", "left_anti")
              .select("product_id", "neighbours").unionByName(updated.select("product_id", "neighbours")))
     # rows without a product id (rejected) are always recomputed: no id to select them by
     affected = catalog.join(ids, "product_id", "left_semi").unionByName(catalog.where(F.col("product_id").isNull()))
     upserts = neighbours_table(affected, found, embeddings)
-    deletes = (old_table.select(*keys).alias("t")
-               .join(rows.select(*keys).alias("c"), [F.col(f"t.{k}").eqNullSafe(F.col(f"c.{k}")) for k in keys],
-                     "left_anti")
-               .select(*[F.col(f"t.{k}").alias(k) for k in keys]))
     return upserts, deletes
 
 
