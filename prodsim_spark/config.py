@@ -389,8 +389,9 @@ class TextFineTuneSettings(_Section):
     temperature: float = Field(default=0.05, gt=0)
     """Softmax temperature of the InfoNCE loss (0.05 is sentence-transformers' scale of 20)."""
     hard_negatives: int = Field(default=1, ge=0)
-    """Per pair, the products that the run's neighbour lists rank above the true match (and that are
-    not labelled matches) added as negatives; 0: in-batch negatives only."""
+    """Per side of a pair, the first products of its neighbour list that are not labelled matches
+    (those ranked above the true match, else the nearest below it), added as negatives; 0: in-batch
+    negatives only. Each adds a text per pair to every step (1: about 1.5x the time of 0)."""
     max_pairs: int = Field(default=20000, ge=2)
     """A seeded sample of this many directed pairs when the labels give more (groups make n^2 pairs)."""
     lora_rank: int = Field(default=16, ge=1)

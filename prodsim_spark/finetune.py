@@ -7,8 +7,9 @@ itself fixes what it can see. Two steps, "make the data" apart from "run the tra
 
 1. Spark: :func:`text_training_rows` turns labelled pairs (or groups) into (anchor, positive, hard
    negatives) rows, the texts composed exactly as the embed stage composes them. Hard negatives are
-   the products that the run's neighbour lists rank *above* the true match (same-line siblings, other
-   editions: what the current encoder confuses), never a labelled match of the anchor.
+   the first products of the run's neighbour lists that are not a labelled match: those ranked above
+   the true match (same-line siblings, other editions: what the current encoder confuses), or, where
+   the match is first, its nearest rivals below it.
    :func:`image_training_rows` turns groups (or pairs, by their connected components) into
    (image URI, group) rows of products that have an image.
 2. :func:`fine_tune` runs :func:`prodsim_spark.training.train_text` / ``train_image`` through
@@ -78,18 +79,18 @@ def text_training_rows(catalog: DataFrame, pairs: DataFrame, neighbours: DataFra
 
 def hard_negatives(pairs: DataFrame, truth: DataFrame, neighbours: DataFrame, texts: DataFrame, count: int
                    ) -> DataFrame:
-    """(query, match, negatives): for each labelled pair (both ways round), the texts of up to ``count``
-    products that the query's neighbour list ranks above the match (all listed ones when the match is
-    not listed), best first, leaving out the query's labelled matches (``truth``: query, match)."""
+    """(query, match, negatives): for each labelled pair (both ways round), the texts of the first
+    ``count`` products of the query's neighbour list that are not its labelled matches (``truth``:
+    query, match), best first. Those ranked above the match are what the encoder confuses today; when
+    the match is already first, the products just below it are the ones it must stay ahead of (mining
+    only those above it left most pairs without a hard negative, and measured worse: docs/benchmarks.md)."""
     both = pairs.unionByName(_renamed(pairs, match="query", query="match"))
     ranked = neighbours.select(F.col("product_id").alias("query"),
                                F.posexplode("neighbours.product_id").alias("rank", "candidate"))
-    match_rank = _renamed(ranked, query="query", candidate="match", rank="match_rank")
-    above = (both.join(match_rank, ["query", "match"], "left").join(ranked, "query")
-             .where(F.col("match_rank").isNull() | (F.col("rank") < F.col("match_rank")))
-             .join(_renamed(truth, query="query", match="candidate"), ["query", "candidate"], "left_anti")
-             .join(_renamed(texts, product_id="candidate", text="negative_text"), "candidate"))
-    return (above.groupBy("query", "match")
+    listed = (both.join(ranked, "query")
+              .join(_renamed(truth, query="query", match="candidate"), ["query", "candidate"], "left_anti")
+              .join(_renamed(texts, product_id="candidate", text="negative_text"), "candidate"))
+    return (listed.groupBy("query", "match")
             .agg(F.slice(F.sort_array(F.collect_list(F.struct("rank", "negative_text"))), 1, count).alias("n"))
             .select("query", "match", F.col("n.negative_text").alias("negatives")))
 

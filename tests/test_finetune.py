@@ -31,7 +31,7 @@ def command(*argv) -> tuple[int, str]:
     return code, printed.getvalue()
 
 
-def test_training_rows_pair_each_match_with_what_the_lists_rank_above_it(spark, tmp_path):
+def test_training_rows_pair_each_match_with_the_first_non_matches_of_its_lists(spark, tmp_path):
     rows = [("A1", "bias peak pro 5"), ("B1", "bias peak pro 5 mac"), ("A2", "bias peak le 5"),
             ("A3", "bias deck 3"), ("B9", "unrelated")]
     path = tmp_path / "cat.csv"
@@ -45,7 +45,7 @@ def test_training_rows_pair_each_match_with_what_the_lists_rank_above_it(spark, 
     nb = "array<struct<product_id:string>>"
     neighbours = spark.createDataFrame(
         [("A1", [("A2",), ("A3",), ("B1",)]),    # two siblings above the match
-         ("B1", [("A1",), ("A2",)])],            # the match first: no hard negative
+         ("B1", [("A1",), ("A2",)])],            # the match first: its nearest rival below it
         f"product_id string, neighbours {nb}")
     got, not_found = finetune.text_training_rows(catalog, pairs, neighbours, config)
     got = [r.asDict() for r in got.collect()]
@@ -54,7 +54,7 @@ def test_training_rows_pair_each_match_with_what_the_lists_rank_above_it(spark, 
     row = got[0]
     assert (row["anchor_id"], row["positive_id"]) == ("A1", "B1")
     assert row["anchor_negatives"] == ["bias peak le 5", "bias deck 3"]  # best first
-    assert row["positive_negatives"] == []
+    assert row["positive_negatives"] == ["bias peak le 5"]  # never the match itself (A1)
 
 
 def run_ingest_catalog(spark, path, out, config):
