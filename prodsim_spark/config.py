@@ -391,7 +391,8 @@ class TextFineTuneSettings(_Section):
     hard_negatives: int = Field(default=1, ge=0)
     """Per side of a pair, the first products of its neighbour list that are not labelled matches
     (those ranked above the true match, else the nearest below it), added as negatives; 0: in-batch
-    negatives only. Each adds a text per pair to every step (1: about 1.5x the time of 0)."""
+    negatives only. Each adds a text per side of every pair to every step (Amazon-Google, ~650 pairs:
+    536 s with 1, 895 s with 2; docs/benchmarks.md)."""
     max_pairs: int = Field(default=20000, ge=2)
     """A seeded sample of this many directed pairs when the labels give more (groups make n^2 pairs)."""
     lora_rank: int = Field(default=16, ge=1)

@@ -85,14 +85,17 @@ def hard_negatives(pairs: DataFrame, truth: DataFrame, neighbours: DataFrame, te
     the match is already first, the products just below it are the ones it must stay ahead of (mining
     only those above it left most pairs without a hard negative, and measured worse: docs/benchmarks.md)."""
     both = pairs.unionByName(_renamed(pairs, match="query", query="match"))
+    # the negatives depend on the query alone: found once per query, then given to each of its pairs
+    queries = both.select("query").distinct()
     ranked = neighbours.select(F.col("product_id").alias("query"),
                                F.posexplode("neighbours.product_id").alias("rank", "candidate"))
-    listed = (both.join(ranked, "query")
+    listed = (ranked.join(queries, "query", "left_semi")
               .join(_renamed(truth, query="query", match="candidate"), ["query", "candidate"], "left_anti")
               .join(_renamed(texts, product_id="candidate", text="negative_text"), "candidate"))
-    return (listed.groupBy("query", "match")
-            .agg(F.slice(F.sort_array(F.collect_list(F.struct("rank", "negative_text"))), 1, count).alias("n"))
-            .select("query", "match", F.col("n.negative_text").alias("negatives")))
+    per_query = (listed.groupBy("query")
+                 .agg(F.slice(F.sort_array(F.collect_list(F.struct("rank", "negative_text"))), 1, count).alias("n"))
+                 .select("query", F.col("n.negative_text").alias("negatives")))
+    return both.join(per_query, "query").select("query", "match", "negatives")
 
 
 def image_training_rows(catalog: DataFrame, groups: DataFrame) -> tuple[DataFrame, int]:
