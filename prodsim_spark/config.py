@@ -426,7 +426,8 @@ class FineTuneSettings(_Section):
     barrier tasks on the executors."""
     seed: int = 42
     mixed_precision: bool = True
-    """bfloat16 autocast on GPU (no effect on CPU)."""
+    """bfloat16 autocast on GPU, and on a CPU with native bf16 (AVX512-BF16 or AMX: a text training step
+    about 1.7x faster on this machine's); float32 on other CPUs, where bf16 is emulated and slower."""
     threads: Optional[int] = Field(default=None, ge=1)
     """CPU threads for training (shared by the processes); None: the session's default parallelism."""
     text: TextFineTuneSettings = Field(default_factory=TextFineTuneSettings)

@@ -77,6 +77,27 @@ def _step(optimiser, scheduler, loss) -> float:
     return float(loss.detach())
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bfloat16 matrix products natively (AVX512-BF16 or AMX): there, bf16
+    autocast makes a text training step about 1.7x faster (measured on this 2-core machine); elsewhere
+    bf16 is emulated and slower than float32."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _autocast(cuda: bool, settings: dict):
+    """bfloat16 autocast (``mixed_precision``) on a GPU, or on a CPU with native bf16; float32 otherwise.
+    The weights and the optimiser stay float32 (autocast only lowers the matrix products)."""
+    import torch
+
+    on = settings["mixed_precision"] and (cuda or cpu_has_bf16())
+    return torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=on)
+
+
 def _epoch_batches(n: int, size: int, rank: int, world: int, seed: int, epoch: int) -> list:
     """This rank's batches of one epoch: a seeded permutation cut into world x size steps, so every
     rank runs the same number of steps (DDP needs them in lockstep); the tail is left to the next epoch's
@@ -152,16 +173,16 @@ def train_text(records: list[dict], base_folder: str, model_out: str, settings: 
         per_epoch = _steps_per_epoch(len(records), settings["batch_size"], world)
         scheduler = _schedule(optimiser, per_epoch * settings["epochs"])
         scale = 1.0 / settings["temperature"]
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and settings["mixed_precision"])
+        autocast = _autocast(cuda, settings)
 
         def embed(texts: list[str]):
             batch = tokenizer(texts, padding=True, truncation=True, max_length=settings["max_tokens"],
                               return_tensors="pt").to(device)
             with autocast:
-                hidden = trained(**batch).last_hidden_state
+                hidden = trained(**batch).last_hidden_state.float()  # pooled in float32, as embedding does
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # the text encoder's pooling
-            return torch.nn.functional.normalize(pooled.float(), dim=1)
+            return torch.nn.functional.normalize(pooled, dim=1)
 
         losses, seen, started = [], 0, time.perf_counter()
         for epoch in range(settings["epochs"]):
@@ -304,7 +325,7 @@ def train_image(records: list[dict], image_settings_json: str, model_out: str, s
         scheduler = _schedule(optimiser, per_epoch * settings["epochs"])
         model = torch.nn.Sequential(tail, torch.nn.Flatten(), head)
         trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and settings["mixed_precision"])
+        autocast = _autocast(cuda, settings)
 
         losses, seen, started = [], 0, time.perf_counter()
         for epoch in range(settings["epochs"]):
