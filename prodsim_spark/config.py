@@ -426,8 +426,9 @@ class FineTuneSettings(_Section):
     barrier tasks on the executors."""
     seed: int = 42
     mixed_precision: bool = True
-    """bfloat16 autocast on GPU, and on a CPU with native bf16 (AVX512-BF16 or AMX: a text training step
-    about 1.7x faster on this machine's); float32 on other CPUs, where bf16 is emulated and slower."""
+    """bfloat16 autocast on GPU; on CPU, for text training where the CPU has native bf16 (AVX512-BF16 or
+    AMX: a training step about 1.7x faster on this machine). float32 on other CPUs, where bf16 is
+    emulated and slower, and for image training on CPU."""
     threads: Optional[int] = Field(default=None, ge=1)
     """CPU threads for training (shared by the processes); None: the session's default parallelism."""
     text: TextFineTuneSettings = Field(default_factory=TextFineTuneSettings)

@@ -72,6 +72,22 @@ def text_model(sample_run, tmp_path_factory):
     return model, json.loads(printed[printed.index("{"):])
 
 
+def test_mixed_precision_trains_text_in_bf16_on_a_cpu_with_native_bf16_and_images_in_float32():
+    import torch
+
+    from prodsim_spark import training
+
+    def product_dtype(autocast):
+        with autocast:
+            return (torch.ones(4, 4) @ torch.ones(4, 4)).dtype
+
+    native = training.cpu_has_bf16()  # True on this project's machine (AVX512-BF16)
+    text = training._autocast(False, {"mixed_precision": True})
+    assert product_dtype(text) == (torch.bfloat16 if native else torch.float32)
+    assert product_dtype(training._autocast(False, {"mixed_precision": False})) == torch.float32
+    assert product_dtype(training._autocast(False, {"mixed_precision": True}, on_cpu=False)) == torch.float32
+
+
 def test_fine_tune_text_writes_a_model_folder_that_embed_uses(spark, sample_run, text_model, tmp_path):
     model, result = text_model
     assert result["model_dir"] == str(model) and result["modality"] == "text"
