@@ -33,6 +33,7 @@ from benchmarks import baselines, datasets
 
 log = logging.getLogger(__name__)
 
+HUBNESS = 0.5  # join.hubness measured beside the default (0: off)
 DEFAULTS = Path(__file__).with_name("quality.yaml")  # lists of 20, as bench quality (layered under --conf/--set)
 TRAINING_KEYS = ("train_s", "pairs_per_s", "images_per_s", "pairs", "hard_negatives", "photos", "groups",
                  "loss_per_epoch", "ids_not_found")
@@ -103,6 +104,11 @@ def bench_amazon_google(spark, config: ProdsimConfig, data: Path, work: Path) ->
             methods[f"{label}, fitted weights and penalty"] = _measure(products, fitted, pairs, queries, cutoffs)
             trainings[-1][f"{label} fitted weights"] = {"weights": fit["weights"],
                                                         "same_source_penalty": fit["same_source_penalty"]}
+            # the hub correction (join.hubness, off by default) on the same lists' settings
+            for name, settings in ((f"{label}, content only", content_only), (f"{label}, default", config.join),
+                                   (f"{label}, fitted weights and penalty", fitted)):
+                methods[f"{name}, hub correction {HUBNESS}"] = _measure(
+                    products, settings.replaced(hubness=HUBNESS), pairs, queries, cutoffs)
         for df in tuned_lists.values():
             df.unpersist()
         tuned_products.unpersist()

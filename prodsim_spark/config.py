@@ -269,6 +269,13 @@ class JoinSettings(_Section):
     from the same feed is usually a sibling (another edition, size, bundle), and the other feeds'
     listings of the same product should rank first. 0: rank by similarity alone (e.g. "similar items"
     that may come from the same seller); larger: fewer same-source neighbours."""
+    hubness: float = Field(default=0.0, ge=0, le=1)
+    """Hub correction (CSLS-style): each list is ranked by its score minus ``hubness`` x (the candidate's
+    own mean score over its first 10 neighbours - the catalog's mean of those means), and that corrected
+    score is the one listed. A product close to everything (a generic title, a bundle naming several
+    products) is pulled down in every list, a distinct one pulled up; the score scale is kept on
+    average. Costs a join of 2k neighbours (a second ranking pass on Spark). 0: off. Not with
+    ``incremental`` (the correction ties every list to its candidates' lists). README "Hub correction"."""
     incremental: bool = False
     """true: a re-run over the previous run's cells rescores only the products whose list can change
     (prodsim_spark/incremental.py); its lists equal a full join's over those cells. At 400k products
@@ -281,6 +288,10 @@ class JoinSettings(_Section):
 
     @model_validator(mode="after")
     def _cells_fit(self) -> "JoinSettings":
+        if self.hubness > 0 and self.incremental:
+            raise ValueError("join.hubness and join.incremental cannot both be on: the hub correction ties "
+                             "every list to its candidates' lists, which an incremental re-run does not rescore; "
+                             "set join.hubness=0 or join.incremental=false")
         if self.block_size > self.max_block_size:
             raise ValueError(f"join.block_size ({self.block_size}) is larger than join.max_block_size "
                              f"({self.max_block_size}): every cell would be split again; raise max_block_size "

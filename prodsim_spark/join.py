@@ -324,6 +324,8 @@ def find_neighbours(products: DataFrame, settings: JoinSettings, cells: Cells | 
         log.info("[join] products come from several sources: same-source pairs score %.2f lower "
                  "(join.same_source_penalty)", penalty)
     spill, hard, k, scale = settings.spill, settings.category_mode == "hard", settings.k, settings.price_scale
+    if settings.hubness > 0:  # the correction may lift a candidate from below the k-th place: find 2k
+        k = 2 * settings.k
 
     # 2. route: each product to its `spill` nearest cells; the nearest is its home, where it is searched from
     def route(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
@@ -336,8 +338,35 @@ def find_neighbours(products: DataFrame, settings: JoinSettings, cells: Cells | 
     lists = (products.mapInPandas(route, ROUTED_SCHEMA).groupBy(*keys)
              .applyInPandas(lambda pdf: score_cell(pdf, dims=dims, weights=weights, price_scale=scale, k=k,
                                                    same_source_penalty=penalty), LISTS_SCHEMA))
-    return lists.select("product_id", F.transform("n_product_id", lambda _, i: F.struct(
+    lists = lists.select("product_id", F.transform("n_product_id", lambda _, i: F.struct(
         *[F.col(f"n_{f}")[i].alias(f) for f in NEIGHBOUR.fieldNames()])).alias("neighbours"))
+    return hub_corrected(lists, settings.k, settings.hubness) if settings.hubness > 0 else lists
+
+
+HUB_NEIGHBOURS = 10  # a product's hub score: the mean score of its first 10 neighbours (as CSLS uses)
+
+
+def hub_corrected(lists: DataFrame, k: int, hubness: float) -> DataFrame:
+    """``lists`` (best first) re-ranked by score - hubness x (the candidate's hub score - the catalog's
+    mean hub score), cut to ``k``; a product's hub score is the mean score of its own first
+    ``HUB_NEIGHBOURS`` neighbours (join.hubness). Products with an empty list keep it."""
+    lists = lists.persist()  # read three times below: the join behind it runs once
+    h = HUB_NEIGHBOURS
+    hub = lists.where(F.size("neighbours") > 0).select(F.col("product_id").alias("candidate"), F.expr(
+        f"aggregate(slice(neighbours.score, 1, {h}), 0D, (acc, x) -> acc + x) / least(size(neighbours), {h})"
+    ).alias("hub"))
+    mean = hub.agg(F.avg("hub")).first()[0] or 0.0
+    entries = (lists.select("product_id", F.explode("neighbours").alias("n"))
+               .join(hub, F.col("n.product_id") == F.col("candidate"), "left")
+               .select("product_id", F.struct(
+                   *[(F.col("n.score") - F.lit(hubness) * (F.coalesce("hub", F.lit(mean)) - F.lit(mean))).cast("float")
+                     .alias("score") if f == "score" else F.col(f"n.{f}") for f in NEIGHBOUR.fieldNames()]).alias("n")))
+    ranked = merged_top_k(entries, "product_id", "n", k)
+    out = (lists.select("product_id").join(ranked, "product_id", "left")
+           .select("product_id", F.coalesce("entries", F.array().cast(T.ArrayType(NEIGHBOUR))).alias("neighbours")))
+    log.info("[join] hub correction: lists of %d re-ranked by score - %.2f x (candidate's hub score - %.3f)",
+             2 * k, hubness, mean)
+    return out
 
 
 def neighbours_table(catalog: DataFrame, neighbours: DataFrame, embeddings: DataFrame | None = None) -> DataFrame:

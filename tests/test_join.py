@@ -100,6 +100,34 @@ def test_same_source_penalty_only_when_the_catalog_has_several_sources(spark):
     assert all(n["same_source"] == 0 and n["score"] == pytest.approx(n["text"]) for n in single["a"])
 
 
+def test_hub_correction_ranks_a_product_close_to_everything_below_a_distinct_one(spark):
+    # h is the mean direction of x1..x5 (a generic title close to all of them); q is nearer h (0.879)
+    # than its own twin x1 (0.820), but h is that close to every product, and x1 is not
+    e = np.eye(8)
+    h = e[:5].sum(0) / np.sqrt(5)
+    q = (e[0] + 1.2 * h) / np.linalg.norm(e[0] + 1.2 * h)
+    ids, vectors = ["q", "h", "x1", "x2", "x3", "x4", "x5"], [q, h, *e[:5]]
+    products = frame(spark, ids, vectors)
+    settings = load_config(overrides=TEXT_ONLY + ["join.k=3"]).join
+
+    plain = {r["product_id"]: r["neighbours"] for r in join.find_neighbours(products, settings).collect()}
+    assert [n["product_id"] for n in plain["q"]][:2] == ["h", "x1"]
+    corrected = {r["product_id"]: r["neighbours"]
+                 for r in join.find_neighbours(products, settings.replaced(hubness=1.0)).collect()}
+    assert [n["product_id"] for n in corrected["q"]][:2] == ["x1", "h"]
+    assert set(corrected) == set(ids) and all(len(v) == 3 for v in corrected.values())
+    # the listed score is the corrected one: cosine - (the candidate's hub score - the catalog's mean), a
+    # hub score being the mean of a product's first 10 scores (here all 6 others: lists of 2k are found)
+    x = np.array(vectors)
+    hub = {i: np.mean(np.delete(x @ x[n], n)) for n, i in enumerate(ids)}
+    mean = np.mean(list(hub.values()))
+    x1 = corrected["q"][0]
+    assert x1["text"] == pytest.approx(float(q @ e[0]), abs=1e-5)
+    assert x1["score"] == pytest.approx(float(q @ e[0]) - (hub["x1"] - mean), abs=1e-4)
+    with pytest.raises(ValueError, match="join.hubness and join.incremental"):
+        settings.replaced(hubness=0.5, incremental=True)
+
+
 def test_hard_category_constraint(spark):
     rng = np.random.default_rng(2)
     x = rng.normal(size=(200, 8)).astype(np.float32)
