@@ -97,13 +97,23 @@ def bench_amazon_google(spark, config: ProdsimConfig, data: Path, work: Path) ->
         tuned_lists = evaluate.ablations(tuned_products, config)
         for label, products, lists in (("pretrained", base_products, base_lists),
                                        ("fine-tuned", tuned_products, tuned_lists)):
-            fit = weights.fit_on_lists(products, lists, train_pairs, config)
+            fit = weights.fit_on_lists(products, lists, train_pairs, config, hubness=False)
             fitted = config.join.replaced(weights=fit["weights"], same_source_penalty=fit["same_source_penalty"])
             methods[f"{label}, fitted weights, content only"] = _measure(
                 products, fitted.replaced(same_source_penalty=0.0), pairs, queries, cutoffs)
             methods[f"{label}, fitted weights and penalty"] = _measure(products, fitted, pairs, queries, cutoffs)
             trainings[-1][f"{label} fitted weights"] = {"weights": fit["weights"],
                                                         "same_source_penalty": fit["same_source_penalty"]}
+            # the same fit with the hub correction (join.hubness) as one more parameter
+            fit = weights.fit_on_lists(products, lists, train_pairs, config)
+            hub_fitted = config.join.replaced(weights=fit["weights"], same_source_penalty=fit["same_source_penalty"],
+                                              hubness=fit["hubness"])
+            methods[f"{label}, fitted weights and hub correction, content only"] = _measure(
+                products, hub_fitted.replaced(same_source_penalty=0.0), pairs, queries, cutoffs)
+            methods[f"{label}, fitted weights, penalty and hub correction"] = _measure(
+                products, hub_fitted, pairs, queries, cutoffs)
+            trainings[-1][f"{label} fitted weights, penalty and hub correction"] = {
+                k_: fit[k_] for k_ in ("weights", "same_source_penalty", "hubness")}
             # the hub correction (join.hubness, off by default) on the same lists' settings
             for name, settings in ((f"{label}, content only", content_only), (f"{label}, default", config.join),
                                    (f"{label}, fitted weights and penalty", fitted)):
@@ -155,7 +165,7 @@ def bench_grocery(spark, config: ProdsimConfig, data: Path, work: Path, modaliti
             log.info("[bench fine-tune] %s %s: %s", label, name, methods[f"{label} {name}"])
         # the weights fitted on the train listings' pairs (the val listings' labels are never seen)
         lists = evaluate.ablations(products, config)
-        fit = weights.fit_on_lists(products, lists, train_pairs, config)
+        fit = weights.fit_on_lists(products, lists, train_pairs, config, hubness=False)
         methods[f"{label} fused, fitted weights"] = _measure(products, config.join.replaced(weights=fit["weights"]),
                                                              pairs, queries, cutoffs)
         fitted[label] = fit["weights"]

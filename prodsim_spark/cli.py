@@ -645,7 +645,7 @@ def cmd_fit_weights(args: argparse.Namespace) -> int:
     products = pipeline.run_products(spark, args.output, config)
     report = weights.fit_on_lists(products, evaluate.ablations(products, config), pairs, config)
     write_config(args.write, weights.fitted_config(report),
-                 f"join.weights and join.same_source_penalty fitted by 'prodsim fit-weights' on {args.pairs} "
+                 f"join.weights, join.same_source_penalty and join.hubness fitted by 'prodsim fit-weights' on {args.pairs} "
                  f"({report['queries']} labelled products);\nuse with: prodsim run --conf {args.write} ...")
     print(json.dumps(report, indent=2))
     print(f"weights written to {args.write}")

@@ -361,7 +361,10 @@ def hub_corrected(lists: DataFrame, k: int, hubness: float) -> DataFrame:
                .select("product_id", F.struct(
                    *[(F.col("n.score") - F.lit(hubness) * (F.coalesce("hub", F.lit(mean)) - F.lit(mean))).cast("float")
                      .alias("score") if f == "score" else F.col(f"n.{f}") for f in NEIGHBOUR.fieldNames()]).alias("n")))
-    ranked = merged_top_k(entries, "product_id", "n", k)
+    # each candidate is in a list once: a plain sort (corrected score, then id) and a cut
+    ranked = entries.groupBy("product_id").agg(F.slice(F.sort_array(F.collect_list(F.struct(
+        (-F.col("n.score")).alias("neg"), F.col("n.product_id").alias("pid"), F.col("n").alias("e")))), 1, k)
+        .alias("top")).select("product_id", F.transform("top", lambda x: x["e"]).alias("entries"))
     out = (lists.select("product_id").join(ranked, "product_id", "left")
            .select("product_id", F.coalesce("entries", F.array().cast(T.ArrayType(NEIGHBOUR))).alias("neighbours")))
     log.info("[join] hub correction: lists of %d re-ranked by score - %.2f x (candidate's hub score - %.3f)",

@@ -3,7 +3,8 @@
 The model is the fused score itself, ``sum_c w_c a_c s_c / sum_c w_c a_c`` (see
 :mod:`prodsim_spark.fusion`), with one non-negative weight per component: nothing new to explain,
 the learned weights go straight into ``join.weights``, and, when the candidates come from several
-sources, the ``join.same_source_penalty`` subtracted from same-source pairs. It is fitted as a listwise ranking model: for
+sources, the ``join.same_source_penalty`` subtracted from same-source pairs, and the ``join.hubness``
+hub correction (each candidate's hub score taken from the fused lists). It is fitted as a listwise ranking model: for
 each labelled product, a softmax over its candidates (the neighbours found by the fused and
 single-component joins: the hard negatives) with temperature t, maximising the probability of its
 true matches. Weights are kept positive (fitted as logs) and scaled so the largest is 1.
@@ -59,33 +60,39 @@ def fused(weights: np.ndarray, sims: np.ndarray, avail: np.ndarray) -> np.ndarra
 
 
 def fit(sims: np.ndarray, avail: np.ndarray, query: np.ndarray, positive: np.ndarray, *, start: FusionWeights,
-        same: np.ndarray | None = None, start_penalty: float = 0.0, l2: float = 0.01) -> dict:
+        same: np.ndarray | None = None, start_penalty: float = 0.0, hub: np.ndarray | None = None,
+        start_hubness: float = 0.0, l2: float = 0.01) -> dict:
     """Weights maximising the listwise softmax likelihood of true matches among each query's candidates.
 
     ``query`` groups candidate rows (an int per row), ``positive`` marks true matches, ``same`` marks
-    same-source pairs (the penalty is fitted only when some candidates are and some are not). Queries
-    with no true match among their candidates carry no signal and are left out. Returns the weights
-    (largest 1), the same-source penalty (on the scale of the returned weights' fused score), the
-    temperature, and the loss before and after.
+    same-source pairs (the penalty is fitted only when some candidates are and some are not), ``hub``
+    is each candidate's hub score less the catalog's mean (``join.hubness`` is fitted when given).
+    Queries with no true match among their candidates carry no signal and are left out. Returns the
+    weights (largest 1), the same-source penalty and the hub correction (on the scale of the returned
+    weights' fused score), the temperature, and the loss before and after.
     """
     frame = pd.DataFrame({"q": query, "pos": positive})
     useful = frame.groupby("q")["pos"].transform("any").to_numpy()
     same = np.zeros(len(sims), dtype=bool) if same is None else same
-    sims, avail, query, positive, same = sims[useful], avail[useful], query[useful], positive[useful], same[useful]
+    fit_hubness = hub is not None
+    hub = np.zeros(len(sims)) if hub is None else hub
+    sims, avail, query, positive, same, hub = (sims[useful], avail[useful], query[useful], positive[useful],
+                                               same[useful], hub[useful])
     fit_penalty = bool(same.any() and (~same).any())
     groups, inverse = np.unique(query, return_inverse=True)
     used = avail.any(axis=0)  # components no pair has keep their start weight
     w0 = np.array([max(getattr(start, c), 1e-3) for c in fusion.COMPONENTS])
     n_w = int(used.sum())
 
-    def unpack(theta: np.ndarray) -> tuple[np.ndarray, float]:
+    def unpack(theta: np.ndarray) -> tuple[np.ndarray, float, float]:
         w = w0.copy()
         w[used] = np.exp(theta[:n_w])
-        return w, (float(theta[n_w]) if fit_penalty else start_penalty)
+        penalty = float(theta[n_w]) if fit_penalty else start_penalty
+        return w, penalty, (float(theta[n_w + fit_penalty]) if fit_hubness else start_hubness)
 
     def loss(theta: np.ndarray) -> float:
-        w, penalty = unpack(theta)
-        z = np.exp(theta[-1]) * (fused(w, sims, avail) - penalty * same)
+        w, penalty, hubness = unpack(theta)
+        z = np.exp(theta[-1]) * (fused(w, sims, avail) - penalty * same - hubness * hub)
         zmax = np.full(len(groups), -np.inf)
         np.maximum.at(zmax, inverse, z)
         e = np.exp(z - zmax[inverse])
@@ -93,23 +100,25 @@ def fit(sims: np.ndarray, avail: np.ndarray, query: np.ndarray, positive: np.nda
         pos = np.bincount(inverse, weights=e * positive, minlength=len(groups))
         return float(-np.mean(np.log(pos / all_ + 1e-12)) + l2 * np.sum(theta[:n_w] ** 2))
 
-    theta0 = np.concatenate([np.log(w0[used]), [start_penalty] if fit_penalty else [], [np.log(10.0)]])
-    # the penalty stays in [0, 1], as the config allows
-    bounds = [(None, None)] * n_w + ([(0.0, 1.0)] if fit_penalty else []) + [(None, None)]
+    theta0 = np.concatenate([np.log(w0[used]), [start_penalty] if fit_penalty else [],
+                             [start_hubness] if fit_hubness else [], [np.log(10.0)]])
+    # the penalty and the hub correction stay in [0, 1], as the config allows
+    bounds = ([(None, None)] * n_w + [(0.0, 1.0)] * (int(fit_penalty) + int(fit_hubness)) + [(None, None)])
     before = loss(theta0)
     result = minimize(loss, theta0, method="L-BFGS-B", bounds=bounds)
-    w, penalty = unpack(result.x)
+    w, penalty, hubness = unpack(result.x)
     w = w / w.max()  # the fused score is a weighted mean: scaling the weights changes nothing
     log.info("[fit-weights] %d queries, %d candidate pairs: loss %.4f -> %.4f", len(groups), len(sims), before,
              result.fun)
     return {"weights": {c: round(float(v), 4) for c, v in zip(fusion.COMPONENTS, w)},
-            "same_source_penalty": round(penalty, 4), "temperature": round(float(np.exp(result.x[-1])), 3),
+            "same_source_penalty": round(penalty, 4), "hubness": round(hubness, 4), "temperature": round(float(np.exp(result.x[-1])), 3),
             "queries": int(len(groups)), "candidate_pairs": int(len(sims)), "loss_before": round(before, 4), "loss_after": round(float(result.fun), 4)}
 
 
 def fitted_config(report: dict) -> dict:
     """The part of a config that a fit sets, for :func:`prodsim_spark.config.write_config`."""
-    return {"join": {"weights": report["weights"], "same_source_penalty": report["same_source_penalty"]}}
+    return {"join": {"weights": report["weights"], "same_source_penalty": report["same_source_penalty"],
+                     "hubness": report["hubness"]}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,10 +150,11 @@ def _products_frame(products: DataFrame, ids: pd.Series) -> fusion.Products:
     return join.products_from_columns(pdf, dims)
 
 
-def fit_on_lists(products: DataFrame, lists: dict[str, DataFrame], pairs: DataFrame, config: ProdsimConfig
-                 ) -> dict:
-    """Fit join.weights on labelled pairs against the candidates in ``lists`` (the hard negatives);
-    ``products`` as :func:`prodsim_spark.pipeline.run_products` gives. Returns the fit report."""
+def fit_on_lists(products: DataFrame, lists: dict[str, DataFrame], pairs: DataFrame, config: ProdsimConfig,
+                 *, hubness: bool = True) -> dict:
+    """Fit join.weights (and the same-source penalty, and with ``hubness`` the hub correction) on
+    labelled pairs against the candidates in ``lists`` (the hard negatives); ``products`` as
+    :func:`prodsim_spark.pipeline.run_products` gives. Returns the fit report."""
     cand = _candidates(lists, pairs)
     if cand.empty:
         raise InputError("no labelled pair names two products of this run")
@@ -155,9 +165,24 @@ def fit_on_lists(products: DataFrame, lists: dict[str, DataFrame], pairs: DataFr
     a, b = p.take(qi[ok]), p.take(mi[ok])
     sims, avail = pair_components(a, b, config.join.price_scale)
     keep = comparable(avail)  # pairs sharing no content are never listed, whatever the weights
+    hub = None
+    if hubness and "fused" in lists and not config.join.incremental:  # hubness cannot be on with incremental
+        scores = hub_scores(lists["fused"])
+        hub = (cand["match"].map(scores).fillna(scores.mean()) - scores.mean()).to_numpy()[ok][keep]
     return fit(sims[keep], avail[keep], qi[ok][keep], cand["positive"].to_numpy(dtype=bool)[ok][keep],
                start=config.join.weights, same=fusion.same_source(a.source, b.source)[keep],
-               start_penalty=config.join.same_source_penalty)
+               start_penalty=config.join.same_source_penalty, hub=hub, start_hubness=config.join.hubness)
+
+
+def hub_scores(lists: DataFrame) -> pd.Series:
+    """Each listed product's hub score (join.hubness): the mean score of its first ``join.HUB_NEIGHBOURS``
+    neighbours, before any hub correction (the sum of each neighbour's parts)."""
+    raw = " + ".join(f"n.{p}" for p in fusion.PARTS)
+    h = join.HUB_NEIGHBOURS
+    frame = lists.where(F.size("neighbours") > 0).select("product_id", F.expr(
+        f"aggregate(slice(transform(neighbours, n -> {raw}), 1, {h}), 0D, (acc, x) -> acc + x)"
+        f" / least(size(neighbours), {h})").alias("hub")).toPandas()
+    return frame.set_index("product_id")["hub"]
 
 
 def cross_validated(products: DataFrame, lists: dict[str, DataFrame], pairs: DataFrame, config: ProdsimConfig
@@ -170,7 +195,8 @@ def cross_validated(products: DataFrame, lists: dict[str, DataFrame], pairs: Dat
     for held_out in (0, 1):
         train = pairs.where((fold("left_id") != held_out) & (fold("right_id") != held_out))
         report = fit_on_lists(products, lists, train, config)
-        settings = config.join.replaced(weights=report["weights"], same_source_penalty=report["same_source_penalty"])
+        settings = config.join.replaced(weights=report["weights"], same_source_penalty=report["same_source_penalty"],
+                                        hubness=report["hubness"])
         found = join.find_neighbours(products, settings)
         queries = products.select("product_id").where(fold("product_id") == held_out)
         results.append(evaluate.metrics(found, pairs, queries, cutoffs=config.evaluate.cutoffs))

@@ -72,6 +72,39 @@ def test_fit_learns_a_same_source_penalty_when_siblings_outrank_matches():
                        start_penalty=0.3)["same_source_penalty"] == 0.3
 
 
+def test_fit_learns_a_hub_correction_when_hubs_outrank_matches():
+    rng = np.random.default_rng(2)
+    n_q, per = 300, 8
+    query = np.repeat(np.arange(n_q), per)
+    positive = np.tile(np.arange(per) == 0, n_q)
+    hub = rng.uniform(-0.05, 0.05, size=n_q * per)
+    hubs = np.tile(np.arange(per) == 1, n_q)  # one candidate per query is a hub: close to everything
+    hub[hubs] += 0.3
+    sims = rng.uniform(0.3, 0.6, size=(n_q * per, len(fusion.COMPONENTS)))
+    sims[positive] += 0.1
+    sims[hubs] += 0.15  # ... so it outscores the match
+    avail = np.ones_like(sims, dtype=bool)
+    start = FusionWeights(**{c: 1.0 for c in fusion.COMPONENTS})
+    report = weights.fit(sims, avail, query, positive, start=start, hub=hub)
+    assert 0.2 < report["hubness"] <= 1.0 and report["loss_after"] < report["loss_before"]
+    # without hub scores it is not fitted: it keeps its start value
+    assert weights.fit(sims, avail, query, positive, start=start, start_hubness=0.0)["hubness"] == 0.0
+
+
+def test_fit_weights_writes_weights_penalty_and_hub_correction_that_a_run_loads(sample_run, tmp_path, capsys):
+    from conftest import ROOT
+
+    learned = tmp_path / "learned.yaml"
+    assert cli.main(["fit-weights", "--output", str(sample_run[0]), "--pairs", str(ROOT / "data" / "sample" / "groups.csv"),
+                     "--write", str(learned)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(printed[printed.index("{"):printed.rindex("}") + 1])
+    join_settings = load_config([str(learned)]).join
+    assert join_settings.weights.as_dict() == report["weights"] and max(report["weights"].values()) == 1.0
+    assert join_settings.hubness == report["hubness"] and 0.0 <= report["hubness"] <= 1.0
+    assert report["loss_after"] <= report["loss_before"]
+
+
 def test_evaluate_command_on_a_run(spark, tmp_path, capsys):
     nb = neighbours_frame(spark, {"a": ["b"], "b": ["c", "a"]})
     path = str(tmp_path / "run" / "neighbours")
