@@ -104,7 +104,7 @@ def bench_amazon_google(spark, config: ProdsimConfig, data: Path, work: Path) ->
             methods[f"{label}, fitted weights and penalty"] = _measure(products, fitted, pairs, queries, cutoffs)
             trainings[-1][f"{label} fitted weights"] = {"weights": fit["weights"],
                                                         "same_source_penalty": fit["same_source_penalty"]}
-            # the same fit with the hub correction (join.hubness) as one more parameter
+            # the same fit with the hub correction (join.hubness) chosen by two-fold cross-validation
             fit = weights.fit_on_lists(products, lists, train_pairs, config)
             hub_fitted = config.join.replaced(weights=fit["weights"], same_source_penalty=fit["same_source_penalty"],
                                               hubness=fit["hubness"])
@@ -113,7 +113,7 @@ def bench_amazon_google(spark, config: ProdsimConfig, data: Path, work: Path) ->
             methods[f"{label}, fitted weights, penalty and hub correction"] = _measure(
                 products, hub_fitted, pairs, queries, cutoffs)
             trainings[-1][f"{label} fitted weights, penalty and hub correction"] = {
-                k_: fit[k_] for k_ in ("weights", "same_source_penalty", "hubness")}
+                k_: fit[k_] for k_ in ("weights", "same_source_penalty", "hubness", "hubness_r1")}
             # the hub correction (join.hubness, off by default) on the same lists' settings
             for name, settings in ((f"{label}, content only", content_only), (f"{label}, default", config.join),
                                    (f"{label}, fitted weights and penalty", fitted)):

@@ -403,7 +403,7 @@ class TextFineTuneSettings(_Section):
     """Per side of a pair, the first products of its neighbour list that are not labelled matches
     (those ranked above the true match, else the nearest below it), added as negatives; 0: in-batch
     negatives only. Each adds a text per side of every pair to every step (Amazon-Google, ~650 pairs:
-    536 s with 1, 895 s with 2; docs/benchmarks.md)."""
+    346 s with 1, 601 s with 2 in bf16 here; 536 s / 895 s in float32; docs/benchmarks.md)."""
     max_pairs: int = Field(default=20000, ge=2)
     """A seeded sample of this many directed pairs when the labels give more (groups make n^2 pairs)."""
     lora_rank: int = Field(default=16, ge=1)

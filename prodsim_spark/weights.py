@@ -3,8 +3,8 @@
 The model is the fused score itself, ``sum_c w_c a_c s_c / sum_c w_c a_c`` (see
 :mod:`prodsim_spark.fusion`), with one non-negative weight per component: nothing new to explain,
 the learned weights go straight into ``join.weights``, and, when the candidates come from several
-sources, the ``join.same_source_penalty`` subtracted from same-source pairs, and the ``join.hubness``
-hub correction (each candidate's hub score taken from the fused lists). It is fitted as a listwise ranking model: for
+sources, the ``join.same_source_penalty`` subtracted from same-source pairs; the ``join.hubness`` hub
+correction is chosen from a grid by two-fold cross-validation (:func:`choose_hubness`). It is fitted as a listwise ranking model: for
 each labelled product, a softmax over its candidates (the neighbours found by the fused and
 single-component joins: the hard negatives) with temperature t, maximising the probability of its
 true matches. Weights are kept positive (fitted as logs) and scaled so the largest is 1.
@@ -61,20 +61,20 @@ def fused(weights: np.ndarray, sims: np.ndarray, avail: np.ndarray) -> np.ndarra
 
 def fit(sims: np.ndarray, avail: np.ndarray, query: np.ndarray, positive: np.ndarray, *, start: FusionWeights,
         same: np.ndarray | None = None, start_penalty: float = 0.0, hub: np.ndarray | None = None,
-        start_hubness: float = 0.0, l2: float = 0.01) -> dict:
+        hubness: float = 0.0, l2: float = 0.01) -> dict:
     """Weights maximising the listwise softmax likelihood of true matches among each query's candidates.
 
     ``query`` groups candidate rows (an int per row), ``positive`` marks true matches, ``same`` marks
     same-source pairs (the penalty is fitted only when some candidates are and some are not), ``hub``
-    is each candidate's hub score less the catalog's mean (``join.hubness`` is fitted when given).
-    Queries with no true match among their candidates carry no signal and are left out. Returns the
-    weights (largest 1), the same-source penalty and the hub correction (on the scale of the returned
-    weights' fused score), the temperature, and the loss before and after.
+    is each candidate's hub score less the catalog's mean, subtracted ``hubness`` times (fixed here:
+    :func:`choose_hubness` picks it on held-out queries). Queries with no true match among their
+    candidates carry no signal and are left out. Returns the weights (largest 1), the same-source
+    penalty (on the scale of the returned weights' fused score), the hub correction, the temperature,
+    and the loss before and after.
     """
     frame = pd.DataFrame({"q": query, "pos": positive})
     useful = frame.groupby("q")["pos"].transform("any").to_numpy()
     same = np.zeros(len(sims), dtype=bool) if same is None else same
-    fit_hubness = hub is not None
     hub = np.zeros(len(sims)) if hub is None else hub
     sims, avail, query, positive, same, hub = (sims[useful], avail[useful], query[useful], positive[useful],
                                                same[useful], hub[useful])
@@ -84,14 +84,13 @@ def fit(sims: np.ndarray, avail: np.ndarray, query: np.ndarray, positive: np.nda
     w0 = np.array([max(getattr(start, c), 1e-3) for c in fusion.COMPONENTS])
     n_w = int(used.sum())
 
-    def unpack(theta: np.ndarray) -> tuple[np.ndarray, float, float]:
+    def unpack(theta: np.ndarray) -> tuple[np.ndarray, float]:
         w = w0.copy()
         w[used] = np.exp(theta[:n_w])
-        penalty = float(theta[n_w]) if fit_penalty else start_penalty
-        return w, penalty, (float(theta[n_w + fit_penalty]) if fit_hubness else start_hubness)
+        return w, (float(theta[n_w]) if fit_penalty else start_penalty)
 
     def loss(theta: np.ndarray) -> float:
-        w, penalty, hubness = unpack(theta)
+        w, penalty = unpack(theta)
         z = np.exp(theta[-1]) * (fused(w, sims, avail) - penalty * same - hubness * hub)
         zmax = np.full(len(groups), -np.inf)
         np.maximum.at(zmax, inverse, z)
@@ -100,19 +99,54 @@ def fit(sims: np.ndarray, avail: np.ndarray, query: np.ndarray, positive: np.nda
         pos = np.bincount(inverse, weights=e * positive, minlength=len(groups))
         return float(-np.mean(np.log(pos / all_ + 1e-12)) + l2 * np.sum(theta[:n_w] ** 2))
 
-    theta0 = np.concatenate([np.log(w0[used]), [start_penalty] if fit_penalty else [],
-                             [start_hubness] if fit_hubness else [], [np.log(10.0)]])
-    # the penalty and the hub correction stay in [0, 1], as the config allows
-    bounds = ([(None, None)] * n_w + [(0.0, 1.0)] * (int(fit_penalty) + int(fit_hubness)) + [(None, None)])
+    theta0 = np.concatenate([np.log(w0[used]), [start_penalty] if fit_penalty else [], [np.log(10.0)]])
+    # the penalty stays in [0, 1], as the config allows
+    bounds = [(None, None)] * n_w + ([(0.0, 1.0)] if fit_penalty else []) + [(None, None)]
     before = loss(theta0)
     result = minimize(loss, theta0, method="L-BFGS-B", bounds=bounds)
-    w, penalty, hubness = unpack(result.x)
+    w, penalty = unpack(result.x)
     w = w / w.max()  # the fused score is a weighted mean: scaling the weights changes nothing
     log.info("[fit-weights] %d queries, %d candidate pairs: loss %.4f -> %.4f", len(groups), len(sims), before,
              result.fun)
     return {"weights": {c: round(float(v), 4) for c, v in zip(fusion.COMPONENTS, w)},
             "same_source_penalty": round(penalty, 4), "hubness": round(hubness, 4), "temperature": round(float(np.exp(result.x[-1])), 3),
             "queries": int(len(groups)), "candidate_pairs": int(len(sims)), "loss_before": round(before, 4), "loss_after": round(float(result.fun), 4)}
+
+
+HUBNESS_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def top1_recall(weights: dict, penalty: float, hubness: float, sims, avail, query, positive, same, hub) -> float:
+    """Share of the queries (with a true match among their candidates) whose best-scored candidate is one."""
+    w = np.array([weights[c] for c in fusion.COMPONENTS])
+    score = fused(w, sims, avail) - penalty * same - hubness * hub
+    frame = pd.DataFrame({"q": query, "s": score, "pos": positive})
+    frame = frame[frame.groupby("q")["pos"].transform("any")]
+    best = frame.sort_values(["q", "s"], ascending=[True, False], kind="stable").groupby("q").head(1)
+    return float(best["pos"].mean()) if len(best) else 0.0
+
+
+def choose_hubness(sims, avail, query, positive, same, hub, *, start: FusionWeights, start_penalty: float
+                   ) -> tuple[float, dict]:
+    """``join.hubness`` from HUBNESS_GRID by two-fold cross-validation over the labelled queries: for each
+    value, fit the weights (and penalty) on one half and count first-place hits on the other. Why not
+    fitted with the weights: the softmax fit's hub term went to whichever bound it started nearer on
+    the grocery listings (where dense groups of true duplicates look like hubs) and lost R@1 held out;
+    chosen on held-out queries it stays 0 where the correction does not help. Ties go to the smaller."""
+    fold = (pd.util.hash_array(np.asarray(query, dtype=np.int64)) % 2).astype(bool)
+    recall = {}
+    for beta in HUBNESS_GRID:
+        hits = []
+        for held_out in (False, True):
+            train, test = fold != held_out, fold == held_out
+            f = fit(sims[train], avail[train], query[train], positive[train], start=start, same=same[train],
+                    start_penalty=start_penalty, hub=hub[train], hubness=beta)
+            hits.append(top1_recall(f["weights"], f["same_source_penalty"], beta, sims[test], avail[test],
+                                    query[test], positive[test], same[test], hub[test]))
+        recall[beta] = round(float(np.mean(hits)), 4)
+    best = max(HUBNESS_GRID, key=lambda b: (recall[b], -b))
+    log.info("[fit-weights] hub correction by two-fold R@1 among the candidates: %s -> %.2f", recall, best)
+    return best, recall
 
 
 def fitted_config(report: dict) -> dict:
@@ -165,13 +199,24 @@ def fit_on_lists(products: DataFrame, lists: dict[str, DataFrame], pairs: DataFr
     a, b = p.take(qi[ok]), p.take(mi[ok])
     sims, avail = pair_components(a, b, config.join.price_scale)
     keep = comparable(avail)  # pairs sharing no content are never listed, whatever the weights
-    hub = None
+    query, positive = qi[ok][keep], cand["positive"].to_numpy(dtype=bool)[ok][keep]
+    sims, avail, same = sims[keep], avail[keep], fusion.same_source(a.source, b.source)[keep]
+    start, penalty = config.join.weights, config.join.same_source_penalty
     if hubness and "fused" in lists and not config.join.incremental:  # hubness cannot be on with incremental
-        scores = hub_scores(lists["fused"])
-        hub = (cand["match"].map(scores).fillna(scores.mean()) - scores.mean()).to_numpy()[ok][keep]
-    return fit(sims[keep], avail[keep], qi[ok][keep], cand["positive"].to_numpy(dtype=bool)[ok][keep],
-               start=config.join.weights, same=fusion.same_source(a.source, b.source)[keep],
-               start_penalty=config.join.same_source_penalty, hub=hub, start_hubness=config.join.hubness)
+        hub = _hub_of(lists, cand, ok, keep)
+        beta, recall = choose_hubness(sims, avail, query, positive, same, hub, start=start, start_penalty=penalty)
+        return {**fit(sims, avail, query, positive, start=start, same=same, start_penalty=penalty, hub=hub,
+                      hubness=beta), "hubness_r1": recall}
+    # not chosen: the hub correction as configured (0 unless set)
+    hub = _hub_of(lists, cand, ok, keep) if config.join.hubness and "fused" in lists else None
+    return fit(sims, avail, query, positive, start=start, same=same, start_penalty=penalty, hub=hub,
+               hubness=config.join.hubness if hub is not None else 0.0)
+
+
+def _hub_of(lists: dict[str, DataFrame], cand: pd.DataFrame, ok: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Each candidate row's hub score less the catalog's mean (0 for a product without a list)."""
+    scores = hub_scores(lists["fused"])
+    return (cand["match"].map(scores).fillna(scores.mean()) - scores.mean()).to_numpy()[ok][keep]
 
 
 def hub_scores(lists: DataFrame) -> pd.Series:

@@ -72,7 +72,7 @@ def test_fit_learns_a_same_source_penalty_when_siblings_outrank_matches():
                        start_penalty=0.3)["same_source_penalty"] == 0.3
 
 
-def test_fit_learns_a_hub_correction_when_hubs_outrank_matches():
+def test_the_hub_correction_is_chosen_on_held_out_queries_and_stays_0_where_it_hurts():
     rng = np.random.default_rng(2)
     n_q, per = 300, 8
     query = np.repeat(np.arange(n_q), per)
@@ -85,10 +85,13 @@ def test_fit_learns_a_hub_correction_when_hubs_outrank_matches():
     sims[hubs] += 0.15  # ... so it outscores the match
     avail = np.ones_like(sims, dtype=bool)
     start = FusionWeights(**{c: 1.0 for c in fusion.COMPONENTS})
-    report = weights.fit(sims, avail, query, positive, start=start, hub=hub)
-    assert 0.2 < report["hubness"] <= 1.0 and report["loss_after"] < report["loss_before"]
-    # without hub scores it is not fitted: it keeps its start value
-    assert weights.fit(sims, avail, query, positive, start=start, start_hubness=0.0)["hubness"] == 0.0
+    same = np.zeros(len(sims), dtype=bool)
+    beta, recall = weights.choose_hubness(sims, avail, query, positive, same, hub, start=start, start_penalty=0.0)
+    assert beta > 0 and recall[beta] > recall[0.0] + 0.2
+    # where hub scores say nothing about matches (dense groups of true duplicates), it stays 0
+    beta, recall = weights.choose_hubness(sims, avail, query, positive, same, np.where(positive, 0.3, 0.0),
+                                          start=start, start_penalty=0.0)
+    assert beta == 0.0 and recall[0.0] >= max(recall.values())
 
 
 def test_fit_weights_writes_weights_penalty_and_hub_correction_that_a_run_loads(sample_run, tmp_path, capsys):
