@@ -346,15 +346,20 @@ def find_neighbours(products: DataFrame, settings: JoinSettings, cells: Cells | 
 HUB_NEIGHBOURS = 10  # a product's hub score: the mean score of its first 10 neighbours (as CSLS uses)
 
 
+def hub_score(scores: str) -> Column:
+    """A product's hub score from ``scores``, an SQL array of its list's raw scores, best first: their
+    mean over the first HUB_NEIGHBOURS (null for an empty list)."""
+    h = HUB_NEIGHBOURS
+    return F.expr(f"aggregate(slice({scores}, 1, {h}), 0D, (acc, x) -> acc + x) / least(size({scores}), {h})")
+
+
 def hub_corrected(lists: DataFrame, k: int, hubness: float) -> DataFrame:
     """``lists`` (best first) re-ranked by score - hubness x (the candidate's hub score - the catalog's
     mean hub score), cut to ``k``; a product's hub score is the mean score of its own first
     ``HUB_NEIGHBOURS`` neighbours (join.hubness). Products with an empty list keep it."""
     lists = lists.persist()  # read three times below: the join behind it runs once
-    h = HUB_NEIGHBOURS
-    hub = lists.where(F.size("neighbours") > 0).select(F.col("product_id").alias("candidate"), F.expr(
-        f"aggregate(slice(neighbours.score, 1, {h}), 0D, (acc, x) -> acc + x) / least(size(neighbours), {h})"
-    ).alias("hub"))
+    hub = lists.where(F.size("neighbours") > 0).select(F.col("product_id").alias("candidate"),
+                                                       hub_score("neighbours.score").alias("hub"))
     mean = hub.agg(F.avg("hub")).first()[0] or 0.0
     entries = (lists.select("product_id", F.explode("neighbours").alias("n"))
                .join(hub, F.col("n.product_id") == F.col("candidate"), "left")

@@ -132,7 +132,8 @@ def choose_hubness(sims, avail, query, positive, same, hub, *, start: FusionWeig
     value, fit the weights (and penalty) on one half and count first-place hits on the other. Why not
     fitted with the weights: the softmax fit's hub term went to whichever bound it started nearer on
     the grocery listings (where dense groups of true duplicates look like hubs) and lost R@1 held out;
-    chosen on held-out queries it stays 0 where the correction does not help. Ties go to the smaller."""
+    chosen on held-out queries it stays 0 or small where the correction does not help. Ties go to the
+    smaller."""
     fold = (pd.util.hash_array(np.asarray(query, dtype=np.int64)) % 2).astype(bool)
     recall = {}
     for beta in HUBNESS_GRID:
@@ -223,10 +224,8 @@ def hub_scores(lists: DataFrame) -> pd.Series:
     """Each listed product's hub score (join.hubness): the mean score of its first ``join.HUB_NEIGHBOURS``
     neighbours, before any hub correction (the sum of each neighbour's parts)."""
     raw = " + ".join(f"n.{p}" for p in fusion.PARTS)
-    h = join.HUB_NEIGHBOURS
-    frame = lists.where(F.size("neighbours") > 0).select("product_id", F.expr(
-        f"aggregate(slice(transform(neighbours, n -> {raw}), 1, {h}), 0D, (acc, x) -> acc + x)"
-        f" / least(size(neighbours), {h})").alias("hub")).toPandas()
+    frame = lists.where(F.size("neighbours") > 0).select(
+        "product_id", join.hub_score(f"transform(neighbours, n -> {raw})").alias("hub")).toPandas()
     return frame.set_index("product_id")["hub"]
 
 
