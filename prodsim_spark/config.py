@@ -19,6 +19,8 @@ from prodsim_spark.errors import ConfigError
 
 CANONICAL_COLUMNS = ("product_id", "title", "description", "brand", "category", "price", "image_uri", "source")
 CATALOG_FORMATS = ("auto", "csv", "parquet", "json", "delta")
+TEMPLATE_FIELDS = ("title", "description", "brand", "category", "source")  # what embed.text.template may name
+TEMPLATE_FIELD = re.compile(r"\{([\w|]+)\}")  # {field} or {field|fallback|...}
 
 
 def _is_number(annotation: Any) -> bool:
@@ -125,10 +127,21 @@ class TextEncoderSettings(_Section):
     revision: Optional[str] = None
     """Pins the encoder id; None: a fingerprint of the model files. A new id re-encodes every text."""
     template: str = "{title}. {brand}. {category}. {description}"
-    """How a product's text is composed; a {field} with its leading literal is left out when empty."""
+    """How a product's text is composed; a {field} with its leading literal is left out when empty;
+    {a|b}: field a, or b when a is empty. Fields: TEMPLATE_FIELDS."""
     description_chars: int = Field(default=300, ge=0)
     max_tokens: int = Field(default=128, ge=8, le=8192)
     runtime: Literal["torch", "onnx", "onnx-int8"] = "torch"
+
+    @field_validator("template")
+    @classmethod
+    def _known_fields(cls, value: str) -> str:
+        fields = [f for group in TEMPLATE_FIELD.findall(value) for f in group.split("|")]
+        unknown = [f for f in fields if f not in TEMPLATE_FIELDS]
+        if unknown or not fields:
+            raise ValueError(f"{'unknown field(s) ' + ', '.join('{' + f + '}' for f in unknown) if unknown else 'no {field}'}"
+                             f" in the text template {value!r}; fields: {', '.join(TEMPLATE_FIELDS)}")
+        return value
     """CPU runtime (prodsim_spark/runtimes.py): torch; onnx (ONNX Runtime, same vectors); onnx-int8
     (int8 weights: faster, vectors at cosine ~0.99, a new encoder id)."""
 

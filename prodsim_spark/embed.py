@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -37,7 +36,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from prodsim_spark.config import EmbedSettings, ImageEncoderSettings, TextEncoderSettings
+from prodsim_spark.config import TEMPLATE_FIELD, EmbedSettings, ImageEncoderSettings, TextEncoderSettings
 from prodsim_spark.encoders import EncoderStats
 from prodsim_spark.io import delta_commit
 from prodsim_spark.tables import live_catalog
@@ -152,21 +151,23 @@ def worker_stats(spark, partitions: int = 8) -> dict[int, dict]:
 # the stage
 
 
-_FIELD = re.compile(r"\{(\w+)\}")
-
-
 def compose_text(template: str, description_chars: int) -> Column:
     """The text to encode: the template's {field}s filled in; a field that is empty is left out
-    together with the literal text just before it (so "{title}. {brand}" gives "Shoe" without a brand)."""
+    together with the literal text just before it (so "{title}. {brand}" gives "Shoe" without a brand);
+    {a|b} is field a, or b when a is empty (so "{title|description}" still has a text without a title)."""
     parts: list[Column] = []
     pos = 0
-    for match in _FIELD.finditer(template):
-        literal, field = template[pos:match.start()], match.group(1)
+    for match in TEMPLATE_FIELD.finditer(template):
+        literal = template[pos:match.start()]
         pos = match.end()
-        value = F.col(field).cast("string")
-        if field == "description":
-            value = F.substring(value, 1, description_chars) if description_chars else F.lit(None)
-        parts.append(F.when(F.length(F.trim(value)) > 0, F.concat(F.lit(literal), F.trim(value))))
+        values = []
+        for field in match.group(1).split("|"):
+            value = F.col(field).cast("string")
+            if field == "description":
+                value = F.substring(value, 1, description_chars) if description_chars else F.lit(None)
+            values.append(F.when(F.length(F.trim(value)) > 0, F.trim(value)))
+        value = F.coalesce(*values)
+        parts.append(F.when(value.isNotNull(), F.concat(F.lit(literal), value)))
     tail = template[pos:]
     text = F.concat_ws("", *parts)
     text = F.regexp_replace(text, r"^[\s.,;:|/-]+", "")  # a left-out first field leaves a separator

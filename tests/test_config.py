@@ -120,3 +120,13 @@ def test_write_config_round_trips(tmp_path):
     with pytest.raises(ConfigError):
         write_config(tmp_path / "bad.yaml", {"join": {"weights": {"txt": 1.0}}})
     assert not (tmp_path / "bad.yaml").exists()
+
+
+def test_text_template_names_only_catalog_fields():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["embed.text.template='{title}. {colour}'"])
+    msg = str(err.value)
+    assert "embed.text.template" in msg and "{colour}" in msg and "description" in msg
+    with pytest.raises(ConfigError, match="no {field}"):
+        load_config(overrides=["embed.text.template='plain words'"])
+    assert load_config(overrides=["embed.text.template='{title|description}. {brand}'"]).embed.text.template

@@ -109,3 +109,19 @@ def test_each_worker_loads_each_encoder_once(spark):
     batches = sum(s["batches"].get(key, 0) for s in stats.values())
     assert max(loads.values()) == 1            # no worker loaded it twice
     assert batches >= 24 > sum(loads.values())  # 8 tasks x 3 batches each, served by <= 2 loads
+
+
+def test_text_template_leaves_out_empty_fields_and_falls_back_to_the_next_alternative(spark):
+    rows = [("A", "Red shoe", "soft leather upper", "Acme"), ("B", None, "a shoe without a title", ""),
+            ("C", "Blue shoe", None, None), ("D", "", "", None)]
+    df = spark.createDataFrame(rows, "product_id string, title string, description string, brand string")
+
+    def texts(template, chars=300):
+        got = df.select("product_id", embed.compose_text(template, chars).alias("t")).collect()
+        return {r["product_id"]: r["t"] for r in got}
+
+    assert texts("{title}. {brand}") == {"A": "Red shoe. Acme", "B": None, "C": "Blue shoe", "D": None}
+    assert texts("{title|description}. {brand}", 6) == {"A": "Red shoe. Acme", "B": "a shoe", "C": "Blue shoe",
+                                                        "D": None}
+    assert texts("{brand}: {title}. {description}") == {"A": "Acme: Red shoe. soft leather upper",
+                                                        "B": "a shoe without a title", "C": "Blue shoe", "D": None}
