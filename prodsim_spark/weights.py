@@ -208,10 +208,13 @@ def fit_on_lists(products: DataFrame, lists: dict[str, DataFrame], pairs: DataFr
         beta, recall = choose_hubness(sims, avail, query, positive, same, hub, start=start, start_penalty=penalty)
         return {**fit(sims, avail, query, positive, start=start, same=same, start_penalty=penalty, hub=hub,
                       hubness=beta), "hubness_r1": recall}
-    # not chosen: the hub correction as configured (0 unless set)
-    hub = _hub_of(lists, cand, ok, keep) if config.join.hubness and "fused" in lists else None
+    # not chosen: the hub correction as configured (0 unless set); its hub scores come from the fused lists
+    if config.join.hubness and "fused" not in lists:
+        raise ValueError(f"join.hubness is {config.join.hubness}, and the lists given ({', '.join(lists)}) have no "
+                         "'fused' list to take hub scores from")
+    hub = _hub_of(lists, cand, ok, keep) if config.join.hubness else None
     return fit(sims, avail, query, positive, start=start, same=same, start_penalty=penalty, hub=hub,
-               hubness=config.join.hubness if hub is not None else 0.0)
+               hubness=config.join.hubness)
 
 
 def _hub_of(lists: dict[str, DataFrame], cand: pd.DataFrame, ok: np.ndarray, keep: np.ndarray) -> np.ndarray:
