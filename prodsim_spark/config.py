@@ -392,6 +392,12 @@ class SearchSettings(_Section):
     """Cells each product is stored in for search (its nearest), as the join's ``join.spill``: a product
     is found by a query probing any of them. More: higher recall with one probe, products shipped
     ``spill`` times in the batch search and held ``spill`` times in the Searcher's cell lists."""
+    missing_share: float = Field(default=0.5, ge=0, le=1)
+    """Share of the weight of a content component (text, image, lexical) that the query has and a
+    product lacks which still counts in that product's score, as similarity 0. 0: the join's rule (a
+    product is scored on what both have, so a text-only listing can outrank listings whose photo looks
+    like the query's); 1: a product missing any part of the query falls far behind the ones that have
+    it (a photo-only listing of the right product too)."""
     columns: QueryColumns = Field(default_factory=QueryColumns)
     max_text_chars: int = Field(default=1000, ge=1)
     """Longer query texts are cut (reason truncated_text)."""

@@ -106,11 +106,15 @@ def shared_content(avail: dict[str, np.ndarray]) -> np.ndarray | None:
 
 
 def pair_scores(q: Products, m: Products, weights: FusionWeights, *, price_scale: float,
-                same_source_penalty: float = 0.0, pair_weights: dict[str, np.ndarray] | None = None):
+                same_source_penalty: float = 0.0, pair_weights: dict[str, np.ndarray] | None = None,
+                missing_share: float = 0.0):
     """(score, parts) for every pair: (|q|, |m|) matrices, parts by name (see PARTS; only those in
     play); score is NaN where the pair shares no content component (see module docstring).
     ``pair_weights``: component -> (|q|, |m|) factors in [0, 1] on that component's weight, pair by pair
-    (the group stage's text specificity); the renormalisation then shifts the weight to the others."""
+    (the group stage's text specificity); the renormalisation then shifts the weight to the others.
+    ``missing_share``: the share of a content component's weight that still counts, as similarity 0,
+    where ``q`` has the component and ``m`` does not (search: a product without a photo cannot match
+    the query's photo); 0, the join's rule, renormalises over what both have."""
     weights = weights.as_dict()
     sims, avail = {}, {}
     for name in DENSE:
@@ -127,6 +131,8 @@ def pair_scores(q: Products, m: Products, weights: FusionWeights, *, price_scale
     total = np.zeros((len(q), len(m)), dtype=np.float32)
     for name in sims:
         total += effective[name]
+        if missing_share > 0 and name in DENSE:
+            total += weights[name] * missing_share * np.outer(q.has[name], ~m.has[name])
     comparable = total > 0
     content = shared_content(avail)
     if content is not None:

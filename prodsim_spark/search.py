@@ -6,6 +6,9 @@ encoder, fine-tuned when configured, the lexical channel with the catalog's IDF,
 and scored against products with the join's fused score over the components the query has: text,
 image and lexical (a query has no brand or price of its own; filters are hard conditions, not score
 terms). As in the join, a product that shares no content component with the query is never a result.
+Unlike the join, a component the query has and a product lacks still counts with
+``search.missing_share`` of its weight, as similarity 0: a shopper who gives a photo asks for that
+look, and a listing without a photo cannot show it (the join renormalises over what both have).
 
 Instead of scoring every product, a query probes its ``search.probe`` nearest cells of the run's index
 (:mod:`prodsim_spark.index`) and scores the products stored in them: as in the join, each product is
@@ -153,12 +156,14 @@ class Filters:
         return ok
 
 
-def score_queries(q: fusion.Products, filters: Filters, members: fusion.Products, index: Index, k: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+def score_queries(q: fusion.Products, filters: Filters, members: fusion.Products, index: Index, k: int,
+                  missing_share: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """(rows, cols, score, parts): each query's best k members by fused score over the content
-    components (see the module docstring), filters applied; rows grouped by query, best first."""
+    components (see the module docstring; ``missing_share``: ``search.missing_share``), filters applied;
+    rows grouped by query, best first."""
     weights = index.weights.replaced(brand=0.0, category=0.0, price=0.0)  # a query has no attributes
-    score, parts = fusion.pair_scores(q, members, weights, price_scale=index.meta["price_scale"])
+    score, parts = fusion.pair_scores(q, members, weights, price_scale=index.meta["price_scale"],
+                                      missing_share=missing_share)
     score = np.where(filters.allowed(members), score, np.nan)
     rows, cols = fusion.top_k(score, np.array([None] * len(q), dtype=object), members.ids, k)
     return rows, cols, score[rows, cols], {c: parts[c][rows, cols] if c in parts else np.zeros(len(rows), np.float32)
@@ -225,7 +230,7 @@ def search_products(query_vectors: DataFrame, products: DataFrame, index: Index,
             members = join.products_from_routed(members_pdf, dims)
             for start in range(0, len(queries_pdf), join.QUERY_CHUNK):
                 q, filters = _query_products(queries_pdf.iloc[start:start + join.QUERY_CHUNK], dims)
-                rows, cols, s, parts = score_queries(q, filters, members, index, k)
+                rows, cols, s, parts = score_queries(q, filters, members, index, k, settings.missing_share)
                 bounds = np.searchsorted(rows, np.arange(len(q) + 1))
                 values = {"product_id": members.ids[cols], "score": s, **parts}
                 out["query_id"].extend(q.ids)
@@ -360,7 +365,7 @@ class Searcher:
         code = -1 if not category or not category.strip() else self.categories.get(category.strip().lower(), -2)
         filters = Filters(np.array([code]), np.array([np.log(min_price) if min_price else np.nan]),
                           np.array([np.log(max_price) if max_price else np.nan]))
-        _, cols, score, parts = score_queries(q, filters, members, self.index, k)
+        _, cols, score, parts = score_queries(q, filters, members, self.index, k, self.config.search.missing_share)
         ids = members.ids[cols]
         return pd.DataFrame({"rank": np.arange(1, len(cols) + 1), "product_id": ids,
                              "title": [self.titles.get(i) for i in ids], "score": score, **parts})

@@ -39,6 +39,25 @@ def test_missing_modality_renormalises_to_the_shared_ones():
     assert parts["image"][0, 0] == 0
 
 
+
+def test_a_query_component_the_product_lacks_counts_with_the_missing_share():
+    # search: the query has text and a photo; one listing has the same text and no photo, the other a
+    # slightly different text and a photo like the query's
+    query = products(["q"], text=[[1, 0]], image=[[1, 0]])
+    listings = products(["text only", "with photo"], text=[[1, 0], [0.8, 0.6]], image=[None, [0.6, 0.8]])
+    w = FusionWeights.only(text=1, image=1)
+    s0, _ = fusion.pair_scores(query, listings, w, price_scale=0.5)  # the join's rule
+    assert np.allclose(s0[0], [1.0, 0.7]) and s0[0, 0] > s0[0, 1]
+    s, parts = fusion.pair_scores(query, listings, w, price_scale=0.5, missing_share=0.5)
+    assert np.allclose(s[0], [1.0 / 1.5, 0.7])  # the absent photo counts as 0 with half its weight
+    assert s[0, 1] > s[0, 0] and np.allclose(sum(parts.values()), s)
+    # only components the query has: a text query is unchanged, and so is the photo a query lacks
+    s_text, _ = fusion.pair_scores(query.take([0]), listings, FusionWeights.only(text=1), price_scale=0.5,
+                                   missing_share=0.5)
+    assert np.allclose(s_text[0], [1.0, 0.8])
+    reverse, _ = fusion.pair_scores(listings, query, w, price_scale=0.5, missing_share=0.5)
+    assert np.allclose(reverse[:, 0], [1.0, 0.7])
+
 def test_price_term():
     p = products(["a", "b"], text=[[1, 0], [1, 0]], price=[10.0, 20.0])
     score, parts = fusion.pair_scores(p, p, FusionWeights.only(text=1, price=1), price_scale=0.5)
