@@ -132,6 +132,8 @@ class TextEncoderSettings(_Section):
     description_chars: int = Field(default=300, ge=0)
     max_tokens: int = Field(default=128, ge=8, le=8192)
     runtime: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    """CPU runtime (prodsim_spark/runtimes.py): torch; onnx (ONNX Runtime, same vectors); onnx-int8
+    (int8 weights: faster, vectors at cosine ~0.99, a new encoder id)."""
 
     @field_validator("template")
     @classmethod
@@ -139,11 +141,9 @@ class TextEncoderSettings(_Section):
         fields = [f for group in TEMPLATE_FIELD.findall(value) for f in group.split("|")]
         unknown = [f for f in fields if f not in TEMPLATE_FIELDS]
         if unknown or not fields:
-            raise ValueError(f"{'unknown field(s) ' + ', '.join('{' + f + '}' for f in unknown) if unknown else 'no {field}'}"
-                             f" in the text template {value!r}; fields: {', '.join(TEMPLATE_FIELDS)}")
+            what = "unknown field(s) " + ", ".join("{" + f + "}" for f in unknown) if unknown else "no {field}"
+            raise ValueError(f"{what} in the text template {value!r}; fields: {', '.join(TEMPLATE_FIELDS)}")
         return value
-    """CPU runtime (prodsim_spark/runtimes.py): torch; onnx (ONNX Runtime, same vectors); onnx-int8
-    (int8 weights: faster, vectors at cosine ~0.99, a new encoder id)."""
 
 
 class ImageEncoderSettings(_Section):
