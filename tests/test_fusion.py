@@ -39,7 +39,6 @@ def test_missing_modality_renormalises_to_the_shared_ones():
     assert parts["image"][0, 0] == 0
 
 
-
 def test_a_query_component_the_product_lacks_counts_with_the_missing_share():
     # search: the query has text and a photo; one listing has the same text and no photo, the other a
     # slightly different text and a photo like the query's
@@ -57,6 +56,7 @@ def test_a_query_component_the_product_lacks_counts_with_the_missing_share():
     assert np.allclose(s_text[0], [1.0, 0.8])
     reverse, _ = fusion.pair_scores(listings, query, w, price_scale=0.5, missing_share=0.5)
     assert np.allclose(reverse[:, 0], [1.0, 0.7])
+
 
 def test_price_term():
     p = products(["a", "b"], text=[[1, 0], [1, 0]], price=[10.0, 20.0])

@@ -9,7 +9,7 @@ from pyspark.sql import functions as F
 from prodsim_spark import pipeline
 from prodsim_spark.config import load_config
 from prodsim_spark.tables import INDEX, NEIGHBOURS, RunTables
-from conftest import ROOT, SAMPLE_CATALOG
+from conftest import ROOT, SAMPLE_CATALOG, assert_same_ranking
 
 # several cells on the 308-product sample, so that routing and spill matter; groups are not needed here
 SETTINGS = ["join.block_size=40", "join.max_block_size=80", "join.exact_max_products=0", "group.enabled=false",
@@ -28,21 +28,6 @@ def lists(df):
     return {r["product_id"]: (r["ids"], r["scores"]) for r in df.select(
         "product_id", F.col("neighbours.product_id").alias("ids"), F.col("neighbours.score").alias("scores")).collect()}
 
-
-
-def assert_same_list(pid, got, want, tol=1e-5):
-    """One neighbour list equals another: the same scores, and the same products in the same order
-    except among equal scores. The sample has copies of one listing; their scores against a product
-    differ in the last float bits with the batch they were scored in (BLAS picks kernels by shape), so
-    an incremental scan and a full join may order copies differently, or keep the other copy at the
-    K-th place."""
-    (got_ids, got_scores), (want_ids, want_scores) = got, want
-    assert got_scores == pytest.approx(want_scores, abs=tol), pid
-    for i, (g, w) in enumerate(zip(got_ids, want_ids)):
-        if g != w:
-            tied = [j for j, s in enumerate(want_scores) if abs(s - want_scores[i]) <= tol]
-            assert len(tied) > 1, (pid, i, g, w)
-            assert g in {want_ids[j] for j in tied} or tied[-1] == len(want_ids) - 1, (pid, i, g, w)
 
 def test_an_incremental_run_equals_a_full_join_on_the_same_cells(spark, sample_run, tmp_path):
     out = tmp_path / "run"
@@ -75,7 +60,7 @@ def test_an_incremental_run_equals_a_full_join_on_the_same_cells(spark, sample_r
     want = lists(pipeline.lists_on_index(spark, str(out), config))
     assert set(got) == set(want) and {"NEW1", "NEW2"} <= set(got) and not set(removed) & set(got)
     for pid, (ids, scores) in want.items():
-        assert_same_list(pid, got[pid], (ids, scores))
+        assert_same_ranking(pid, got[pid], (ids, scores))
     assert not {n for ids, _ in got.values() for n in ids} & set(removed)  # gone from every list
     assert {"NEW1", "NEW2"} <= {n for ids, _ in got.values() for n in ids}
 
