@@ -368,6 +368,7 @@ class ImageEncoder:
         folder = finetuned_image_folder(settings)
         weights = weights_file(settings.weights, "embed.image.weights") if settings.weights else None
         self.head = None
+        self.mirror_average = False  # see ImageFineTuneSettings.mirror_average
         if folder is not None:  # fine-tuned: the architecture, its weights and a projection head
             from safetensors.torch import load_model
 
@@ -382,6 +383,7 @@ class ImageEncoder:
                 raise ModelError(f"embed.image.model: {folder / IMAGE_WEIGHTS} does not fit {meta['architecture']} "
                                  f"with a {meta['projection_dim']}-d head: {exc}", stage="embed") from None
             backbone, self.head = model.backbone, model.head
+            self.mirror_average = bool(meta.get("mirror_average", False))  # folders before it: off
         elif settings.kind in ("timm", "torchvision"):
             model = backbone = _backbone(settings.kind, settings.model, weights)
         else:  # huggingface
@@ -439,6 +441,12 @@ class ImageEncoder:
             return self._features(self.model, pixels.to(self.device, dtype=next(self.model.parameters()).dtype))
 
     def encode_pixels(self, pixels) -> np.ndarray:
+        vectors = self._unit_vectors(pixels)
+        if self.mirror_average:  # the mean direction of the photo and its left-right mirror image
+            vectors = _unit_rows(vectors + self._unit_vectors(self._torch.flip(pixels, dims=[3])))
+        return vectors
+
+    def _unit_vectors(self, pixels) -> np.ndarray:
         if self._onnx is not None:
             return _unit_rows(self._onnx(pixels=pixels.numpy().astype(np.float32, copy=False)))
         return _l2_normalise(self._forward(pixels)).cpu().numpy()

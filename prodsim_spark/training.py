@@ -362,7 +362,8 @@ def train_image(records: list[dict], image_settings_json: str, model_out: str, s
                 save_model(final, str(folder / IMAGE_WEIGHTS))
                 (folder / IMAGE_CONFIG).write_text(json.dumps({
                     "format": IMAGE_FORMAT, "kind": image.kind, "architecture": image.model,
-                    "feature_dim": feature_dim, "projection_dim": settings["projection_dim"]}, indent=2))
+                    "feature_dim": feature_dim, "projection_dim": settings["projection_dim"],
+                    "mirror_average": settings["mirror_average"]}, indent=2))
 
             _write_atomically(model_out, write)
         if world > 1:

@@ -157,6 +157,11 @@ def test_fine_tune_image_trains_a_projection_that_embed_uses(spark, sample_run, 
     image = str(ROOT / "data" / "sample" / "images" / "G000.jpg")
     vectors, errors = encoder.encode_uris([image])
     assert errors == [None] and vectors[0].shape == (64,) and abs(float(np.linalg.norm(vectors[0])) - 1) < 1e-5
+    # mirror_average (the default): a photo and its mirror image are one vector
+    assert meta["mirror_average"] is True and encoder.mirror_average
+    pixels = encoder.load(image)[None]
+    plain, mirrored = encoder.encode_pixels(pixels), encoder.encode_pixels(pixels.flip(dims=[3]))
+    assert np.abs(plain - mirrored).max() < 1e-5 and np.allclose(plain, vectors[0], atol=1e-5)
 
     run = tmp_path / "run"
     shutil.copytree(out, run)
