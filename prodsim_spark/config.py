@@ -58,7 +58,8 @@ class SparkSettings(_Section):
     """Local mode: attempts per task before the job fails (local[N] alone never retries; a cluster's
     spark.task.maxFailures is 4), so one crashed Python worker costs a retry, not the run."""
     shuffle_partitions: Optional[int] = Field(default=None, ge=1)
-    """None: 2 x cores in local mode, the cluster's setting otherwise."""
+    """None: 2 x cores in local mode (and under spark-submit --master local[N] unless the submit sets it),
+    the cluster's setting otherwise."""
     app_name: str = "prodsim-spark"
     extra_conf: dict[str, str] = Field(default_factory=dict)
     """Extra Spark settings applied when this tool builds the session (local mode)."""
@@ -446,11 +447,12 @@ class ImageFineTuneSettings(_Section):
     """Peak learning rate of the head; the backbone blocks train at a tenth of it."""
     temperature: float = Field(default=0.1, gt=0)
     """Temperature of the supervised contrastive loss (every other photo of the group is a positive)."""
-    mirror_average: bool = True
-    """The fine-tuned model embeds a photo as the mean of the projected vectors of the photo and of its
-    mirror image (left-right flip), written into the model folder: a product photographed facing the
-    other way gets the same vector. Twice the image encoding time of the model; grocery listings:
-    image R@1 +0.02 measured (docs/benchmarks.md). The pretrained features gain nothing from it."""
+    mirror_average: bool = False
+    """True: the fine-tuned model embeds a photo as the mean of the projected vectors of the photo and
+    of its mirror image (left-right flip), written into the model folder, so a product photographed
+    facing the other way gets the same vector. Twice the image encoding time of the model. Grocery
+    (docs/benchmarks.md): photo-to-photo R@1 +0.02, listings' image alone +0.007 R@1 / +0.009 P@10, the
+    fused ranking no better (-0.007 R@1), hence off by default: for photo-only search."""
 
 
 class FineTuneSettings(_Section):

@@ -2,6 +2,8 @@
 
 * On a cluster (spark-submit, Databricks, an active session) the session it is given wins: we call
   ``getOrCreate()`` and set nothing, so the cluster's own Delta setup and resources stay in force.
+  Only a submit to ``--master local[N]`` (one machine) gets the local session's SQL defaults where
+  it did not set them (see :func:`local_sql_defaults`).
 * Embedded default (local mode): all cores, Python workers on the running interpreter, Delta's jars
   from Maven Central. The first start resolves them through Spark's Ivy (``spark.jars.packages``,
   the coordinates ``delta.configure_spark_with_delta_pip`` computes for the pinned pyspark and
@@ -85,8 +87,32 @@ def get_session(settings: SparkSettings | None = None):
     if settings.mode != "local" and active is not None:
         return active
     if settings.mode == "cluster" or (settings.mode == "auto" and _under_cluster_manager()):
-        return SparkSession.builder.appName(settings.app_name).getOrCreate()
+        spark = SparkSession.builder.appName(settings.app_name).getOrCreate()
+        _fill_local_master_defaults(spark, settings)
+        return spark
     return _local_session(settings)
+
+
+def local_sql_defaults(settings: SparkSettings, cores: int) -> dict[str, str]:
+    """SQL settings for a one-machine master: a few shuffle partitions, and Delta's log replayed in 2
+    tasks (its default, 50, is for a cluster's cores; on 2 cores each table read waited on them)."""
+    return {"spark.sql.shuffle.partitions": str(settings.shuffle_partitions or 2 * cores),
+            "spark.databricks.delta.snapshotPartitions": "2"}
+
+
+def _fill_local_master_defaults(spark, settings: SparkSettings) -> None:
+    """``spark-submit --master local[N]`` (an Airflow connection to local, a test) is one machine, not
+    a cluster: the local session's SQL defaults apply there too, except where the submit set them."""
+    conf = spark.sparkContext.getConf()
+    if not conf.get("spark.master", "").startswith("local"):
+        return
+    filled = {key: value for key, value in local_sql_defaults(settings, spark.sparkContext.defaultParallelism).items()
+              if not conf.contains(key)}
+    for key, value in filled.items():
+        spark.conf.set(key, value)
+    if filled:
+        log.info("master %s is one machine: %s", conf.get("spark.master"),
+                 ", ".join(f"{k}={v}" for k, v in filled.items()))
 
 
 def local_master(settings: SparkSettings) -> str:
@@ -109,11 +135,11 @@ def _local_session(settings: SparkSettings):
         # The Python workers must import the same pandas/torch as this process.
         .config("spark.pyspark.python", sys.executable)
         .config("spark.pyspark.driver.python", sys.executable)
-        .config("spark.sql.shuffle.partitions", str(settings.shuffle_partitions or 2 * cores))
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.databricks.delta.snapshotPartitions", "2")
     )
+    for key, value in local_sql_defaults(settings, cores).items():
+        builder = builder.config(key, value)
     for key, value in DELTA_EXTENSIONS.items():
         builder = builder.config(key, value)
     for key, value in settings.extra_conf.items():

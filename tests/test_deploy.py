@@ -25,6 +25,8 @@ def test_spark_submit_pipeline_job_on_the_sample_catalog(spark, tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "prodsim run: 308 catalog rows" in done.stdout
+    # a local master is one machine: the small-machine SQL defaults the submit did not set are filled in
+    assert "is one machine: spark.databricks.delta.snapshotPartitions=2" in done.stdout + done.stderr
     neighbours = io.read_delta(spark, str(out / "neighbours"))
     assert neighbours.count() == 308
 

@@ -145,6 +145,7 @@ def test_fine_tune_image_trains_a_projection_that_embed_uses(spark, sample_run, 
                             "--model-out", str(model), "--json", "--set", "finetune.image.epochs=2",
                             "--set", "finetune.image.trainable_blocks=1",
                             "--set", "finetune.image.views=1", "--set", "finetune.image.projection_dim=64",
+                            "--set", "finetune.image.mirror_average=true",
                             "--set", "spark.master=local[2]", "--progress", "off")
     assert code == 0
     result = json.loads(printed[printed.index("{"):])
@@ -157,7 +158,7 @@ def test_fine_tune_image_trains_a_projection_that_embed_uses(spark, sample_run, 
     image = str(ROOT / "data" / "sample" / "images" / "G000.jpg")
     vectors, errors = encoder.encode_uris([image])
     assert errors == [None] and vectors[0].shape == (64,) and abs(float(np.linalg.norm(vectors[0])) - 1) < 1e-5
-    # mirror_average (the default): a photo and its mirror image are one vector
+    # mirror_average: a photo and its mirror image are one vector
     assert meta["mirror_average"] is True and encoder.mirror_average
     pixels = encoder.load(image)[None]
     plain, mirrored = encoder.encode_pixels(pixels), encoder.encode_pixels(pixels.flip(dims=[3]))
