@@ -107,51 +107,77 @@ def shared_content(avail: dict[str, np.ndarray]) -> np.ndarray | None:
 
 def pair_scores(q: Products, m: Products, weights: FusionWeights, *, price_scale: float,
                 same_source_penalty: float = 0.0, pair_weights: dict[str, np.ndarray] | None = None,
-                missing_share: float = 0.0):
+                missing_share: float = 0.0, paired: bool = False):
     """(score, parts) for every pair: (|q|, |m|) matrices, parts by name (see PARTS; only those in
     play); score is NaN where the pair shares no content component (see module docstring).
+    ``paired``: ``q`` and ``m`` are row-aligned (|q| == |m|) and the result is one score per aligned
+    pair, (|q|,) float32 vectors: each pair's score then does not depend on the batch it was scored in
+    (see :func:`exact_top_k`), where a float32 matrix product's does in its last bits.
     ``pair_weights``: component -> (|q|, |m|) factors in [0, 1] on that component's weight, pair by pair
     (the group stage's text specificity); the renormalisation then shifts the weight to the others.
     ``missing_share``: the share of a content component's weight that still counts, as similarity 0,
     where ``q`` has the component and ``m`` does not (search: a product without a photo cannot match
     the query's photo); 0, the join's rule, renormalises over what both have."""
     weights = weights.as_dict()
+    if paired:
+        if len(q) != len(m):
+            raise ValueError(f"paired scores need row-aligned products, got {len(q)} and {len(m)}")
+        dtype, shape = np.float64, (len(q),)
+        left = right = lambda a: a  # noqa: E731
+        # a row-wise dot product: each pair's sum runs over its own two rows in one fixed order (unlike a
+        # matrix product's, whose kernel and blocking follow the batch's shape); float32 sums, 3x faster
+        # than float64 ones, err ~1e-6, far below what ranks two different products
+        dot = lambda a, b: np.einsum("ij,ij->i", a, b).astype(np.float64)  # noqa: E731
+    else:
+        dtype, shape = np.float32, (len(q), len(m))
+        left, right = (lambda a: a[:, None]), (lambda b: b[None, :])
+        dot = lambda a, b: a @ b.T  # noqa: E731
     sims, avail = {}, {}
     for name in DENSE:
         if weights[name] > 0 and name in q.vectors and q.vectors[name].shape[1]:
-            sims[name] = q.vectors[name] @ m.vectors[name].T
-            avail[name] = np.outer(q.has[name], m.has[name])
+            sims[name] = dot(q.vectors[name], m.vectors[name])
+            avail[name] = left(q.has[name]) & right(m.has[name])
     for name, field in ATTRIBUTES.items():
         if weights[name] > 0:
-            sim, avail[name] = attribute_similarity(name, getattr(q, field)[:, None], getattr(m, field)[None, :],
+            sim, avail[name] = attribute_similarity(name, left(getattr(q, field)), right(getattr(m, field)),
                                                     price_scale)
-            sims[name] = sim.astype(np.float32)
+            sims[name] = sim.astype(dtype)
     pair_weights = pair_weights or {}
     effective = {name: weights[name] * avail[name] * pair_weights.get(name, 1) for name in sims}
-    total = np.zeros((len(q), len(m)), dtype=np.float32)
+    total = np.zeros(shape, dtype=dtype)
     for name in sims:
         total += effective[name]
         if missing_share > 0 and name in DENSE:
-            total += weights[name] * missing_share * np.outer(q.has[name], ~m.has[name])
+            total += weights[name] * missing_share * (left(q.has[name]) & right(~m.has[name]))
     comparable = total > 0
     content = shared_content(avail)
     if content is not None:
         comparable &= content
     with np.errstate(invalid="ignore", divide="ignore"):
-        inv = np.where(comparable, 1.0 / total, np.nan).astype(np.float32)
-    contributions = {name: (effective[name] * sims[name] * inv).astype(np.float32) for name in sims}
+        inv = np.where(comparable, 1.0 / total, np.nan).astype(dtype)
+    contributions = {name: (effective[name] * sims[name] * inv).astype(dtype) for name in sims}
     if same_source_penalty > 0:
-        contributions["same_source"] = np.where(same_source(q.source[:, None], m.source[None, :]),
-                                                np.float32(-same_source_penalty), np.float32(0))
-    score = np.zeros_like(total)
+        contributions["same_source"] = np.where(same_source(left(q.source), right(m.source)),
+                                                dtype(-same_source_penalty), dtype(0))
+    score = np.zeros(shape, dtype=dtype)
     for c in contributions.values():
         score += c
+    if paired:
+        return score.astype(np.float32), {name: c.astype(np.float32) for name, c in contributions.items()}
     return score, contributions
 
 
-def top_k(score: np.ndarray, q_ids: np.ndarray, m_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def id_rank(ids: np.ndarray) -> np.ndarray:
+    """Each id's position in id order (ascending strings), as ints: the tie-break of every ranking."""
+    return np.argsort(np.argsort(ids.astype(str), kind="stable"), kind="stable")
+
+
+def top_k(score: np.ndarray, q_ids: np.ndarray, m_ids: np.ndarray, k: int, *, slack: float = 0.0,
+          member_rank: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per query row its k best members: self excluded, NaN skipped, ties broken by member id
-    (ascending) so the result never depends on row order.
+    (ascending) so the result never depends on row order. With ``slack`` > 0, a row whose k-th best
+    score has further members within ``slack`` below it keeps all of them (more than k): a shortlist
+    that :func:`exact_top_k` re-scores and cuts.
 
     Returns (rows, cols) index arrays, grouped by row and sorted best first within a row.
     Vectorised; rows with a tie at the k-th place take an exact per-row path.
@@ -169,8 +195,8 @@ def top_k(score: np.ndarray, q_ids: np.ndarray, m_ids: np.ndarray, k: int) -> tu
     part = np.argpartition(-s, kk - 1, axis=1)[:, :kk] if kk < n_m else np.tile(np.arange(n_m), (n_q, 1))
     vals = np.take_along_axis(s, part, axis=1)
     kth = vals.min(axis=1)
-    tied = ((s >= kth[:, None]).sum(axis=1) > kk) & np.isfinite(kth)
-    member_rank = np.argsort(np.argsort(m_ids.astype(str), kind="stable"), kind="stable")  # id order as ints
+    tied = ((s >= (kth - slack)[:, None]).sum(axis=1) > kk) & np.isfinite(kth)
+    member_rank = id_rank(m_ids) if member_rank is None else member_rank
     order = np.lexsort((member_rank[part], -vals), axis=1)
     part = np.take_along_axis(part, order, axis=1)
     vals = np.take_along_axis(vals, order, axis=1)
@@ -178,13 +204,47 @@ def top_k(score: np.ndarray, q_ids: np.ndarray, m_ids: np.ndarray, k: int) -> tu
     rows_out = [np.nonzero(keep)[0]]
     cols_out = [part[keep]]
     for r in np.flatnonzero(tied):  # exact path: every candidate at or above the k-th value, by (score, id)
-        idx = np.flatnonzero(s[r] >= kth[r])
-        idx = idx[np.lexsort((member_rank[idx], -s[r, idx]))][:kk]
+        idx = np.flatnonzero(s[r] >= kth[r] - slack)
+        idx = idx[np.lexsort((member_rank[idx], -s[r, idx]))]
+        idx = idx if slack > 0 else idx[:kk]
         rows_out.append(np.full(len(idx), r))
         cols_out.append(idx)
     rows, cols = np.concatenate(rows_out), np.concatenate(cols_out)
     order = np.argsort(rows, kind="stable")  # group by row, keeping each row's best-first order
     return rows[order], cols[order]
+
+
+# float32 matrix products of unit vectors err by ~1e-6: every member within this of a row's k-th
+# best float32 score is re-scored exactly before the cut
+RESCORE_SLACK = 1e-4
+
+
+def exact_top_k(score: np.ndarray, q: Products, m: Products, k: int, rescore, *, q_ids: np.ndarray | None = None,
+                chunk: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Each query row's k best members of ``m``, ranked by exact per-pair scores: (rows, cols, score,
+    parts), grouped by row, best first, ties by member id.
+
+    ``score``: the float32 (|q|, |m|) fused scores (NaN: never listed) that pick a shortlist (see
+    :func:`top_k`'s ``slack``); ``rescore(a, b)``: the same scoring on row-aligned products,
+    ``pair_scores(..., paired=True)``. Why: a float32 matrix product's value for one pair depends in its
+    last bits on the shape of the batch (BLAS picks kernels by shape), so copies of one listing scored
+    in different batches (a cell of the full join, an incremental scan, a search batch) could trade
+    places between runs. A pair's exact score does not depend on its batch, so the lists are the same
+    however the work was cut. ``q_ids``: ids to exclude as self (default ``q.ids``)."""
+    rank = id_rank(m.ids)
+    rows, cols = top_k(score, q.ids if q_ids is None else q_ids, m.ids, k, slack=RESCORE_SLACK, member_rank=rank)
+    scored, parts = [], {}
+    for start in range(0, len(rows), chunk):  # bounded memory: the pairs' vectors are gathered per chunk
+        s, p = rescore(q.take(rows[start:start + chunk]), m.take(cols[start:start + chunk]))
+        scored.append(s)
+        for name, v in p.items():
+            parts.setdefault(name, []).append(v)
+    exact = np.concatenate(scored) if scored else np.zeros(0, np.float32)
+    order = np.lexsort((rank[cols], -exact, rows))
+    rows, cols, exact = rows[order], cols[order], exact[order]
+    keep = np.arange(len(rows)) - np.searchsorted(rows, rows) < k  # each row's first k
+    return (rows[keep], cols[keep], exact[keep],
+            {name: np.concatenate(v)[order][keep] for name, v in parts.items()})
 
 
 def fused_dense(p: Products, weights: FusionWeights) -> np.ndarray:

@@ -172,24 +172,22 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
              "(queries collected in %.1f s)", len(changes.new), len(changes.removed), len(changes.rescored),
              len(set(q_by_home) | set(m_by_cell)), time.perf_counter() - started)
 
-    def scores(a: fusion.Products, b: fusion.Products):
-        score, parts = fusion.pair_scores(a, b, weights, price_scale=scale, same_source_penalty=penalty)
-        if hard:  # as the full join's (cell, category) groups
-            score = np.where(a.category[:, None] == b.category[None, :], score, np.nan)
-        return score, parts
+    def exact(a: fusion.Products, b: fusion.Products):  # row-aligned pairs, as the full join scores them
+        return fusion.pair_scores(a, b, weights, price_scale=scale, same_source_penalty=penalty, paired=True)
 
     def emit(out: list, a: fusion.Products, b: fusion.Products, floor: np.ndarray | None = None) -> None:
         """Each row of ``a``'s best k among ``b`` (those scoring at least its ``floor``), one row per
         candidate (flat: splitting them into per-product arrays cost more than the scoring)."""
-        score, parts = scores(a, b)
-        r, c = fusion.top_k(score, a.ids, b.ids, k)
+        score, _ = fusion.pair_scores(a, b, weights, price_scale=scale, same_source_penalty=penalty)
+        if hard:  # as the full join's (cell, category) groups
+            score = np.where(a.category[:, None] == b.category[None, :], score, np.nan)
+        r, c, best, parts = fusion.exact_top_k(score, a, b, k, exact)
         if floor is not None:
-            keep = score[r, c] >= floor[r]
-            r, c = r[keep], c[keep]
+            keep = best >= floor[r]
+            r, c, best, parts = r[keep], c[keep], best[keep], {f: v[keep] for f, v in parts.items()}
         if len(r):
-            out.append(pd.DataFrame({"product_id": a.ids[r], "n_product_id": b.ids[c], "n_score": score[r, c],
-                                     **{f"n_{f}": parts[f][r, c] if f in parts else np.zeros(len(r), np.float32)
-                                        for f in fusion.PARTS}}))
+            out.append(pd.DataFrame({"product_id": a.ids[r], "n_product_id": b.ids[c], "n_score": best,
+                                     **{f"n_{f}": parts.get(f, np.zeros(len(r), np.float32)) for f in fusion.PARTS}}))
 
     def blocks(batches: Iterator[pa.RecordBatch], rows: int = 250_000) -> Iterator[pa.Table]:
         # whole partitions (up to `rows`: ~1 GB of 384-d rows) at a time: the per-cell loop below runs

@@ -181,13 +181,13 @@ def score_cell(pdf: pd.DataFrame, *, dims: dict[str, int], weights: FusionWeight
     out: dict[str, list] = {f: [] for f in LISTS_SCHEMA.fieldNames()}
     for start in range(0, len(query_rows), QUERY_CHUNK):
         q = members.take(query_rows[start:start + QUERY_CHUNK])
-        score, parts = fusion.pair_scores(q, members, weights, price_scale=price_scale,
-                                          same_source_penalty=same_source_penalty)
-        rows, cols = fusion.top_k(score, q.ids, members.ids, k)
+        score, _ = fusion.pair_scores(q, members, weights, price_scale=price_scale,
+                                      same_source_penalty=same_source_penalty)
+        rows, cols, best, parts = fusion.exact_top_k(score, q, members, k, lambda a, b: fusion.pair_scores(
+            a, b, weights, price_scale=price_scale, same_source_penalty=same_source_penalty, paired=True))
         bounds = np.searchsorted(rows, np.arange(len(q) + 1))
-        values = {"product_id": members.ids[cols], "score": score[rows, cols],
-                  **{c: parts[c][rows, cols] if c in parts else np.zeros(len(rows), np.float32)
-                     for c in fusion.PARTS}}
+        values = {"product_id": members.ids[cols], "score": best,
+                  **{c: parts.get(c, np.zeros(len(rows), np.float32)) for c in fusion.PARTS}}
         out["product_id"].extend(q.ids)
         for name, v in values.items():
             out[f"n_{name}"].extend(np.split(v, bounds[1:-1]))
@@ -198,8 +198,8 @@ def score_cell(pdf: pd.DataFrame, *, dims: dict[str, int], weights: FusionWeight
 
 def merged_top_k(rows: DataFrame, key: str, entry: str, k: int) -> DataFrame:
     """(``key``, entries): per ``key``, its ``entry`` structs (each with ``score`` and ``product_id``) from
-    several places, merged: best score first, ties by product id, each product once (its best place:
-    two places may score it in their last bits apart), at most ``k``."""
+    several places, merged: best score first, ties by product id, each product once (two cells that
+    both hold a pair score it alike: see fusion.exact_top_k), at most ``k``."""
     ranked = rows.groupBy(key).agg(F.sort_array(F.collect_list(F.struct(
         (-F.col(f"{entry}.score")).alias("neg"), F.col(f"{entry}.product_id").alias("pid"),
         F.col(entry).alias("e")))).alias("all"))

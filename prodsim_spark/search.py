@@ -162,12 +162,14 @@ def score_queries(q: fusion.Products, filters: Filters, members: fusion.Products
     components (see the module docstring; ``missing_share``: ``search.missing_share``), filters applied;
     rows grouped by query, best first."""
     weights = index.weights.replaced(brand=0.0, category=0.0, price=0.0)  # a query has no attributes
-    score, parts = fusion.pair_scores(q, members, weights, price_scale=index.meta["price_scale"],
-                                      missing_share=missing_share)
+    scale = index.meta["price_scale"]
+    score, _ = fusion.pair_scores(q, members, weights, price_scale=scale, missing_share=missing_share)
     score = np.where(filters.allowed(members), score, np.nan)
-    rows, cols = fusion.top_k(score, np.array([None] * len(q), dtype=object), members.ids, k)
-    return rows, cols, score[rows, cols], {c: parts[c][rows, cols] if c in parts else np.zeros(len(rows), np.float32)
-                                          for c in QUERY_PARTS}
+    rows, cols, best, parts = fusion.exact_top_k(
+        score, q, members, k, lambda a, b: fusion.pair_scores(a, b, weights, price_scale=scale,
+                                                              missing_share=missing_share, paired=True),
+        q_ids=np.array([None] * len(q), dtype=object))
+    return rows, cols, best, {c: parts.get(c, np.zeros(len(rows), np.float32)) for c in QUERY_PARTS}
 
 
 QUERY_SCHEMA = T.StructType([

@@ -53,10 +53,11 @@ def artifacts_dir() -> Path:
 
 def assert_same_ranking(label, got, want, tol=1e-5):
     """Two ranked lists, each (ids, scores) best first, are equal: the same scores, and the same ids in
-    the same order except among equal scores. The sample has copies of one listing; their scores
-    differ in the last float bits with the batch they were scored in (BLAS picks kernels by shape), so
-    two scorings (an incremental scan and a full join, the batch search and the notebook API) may order
-    copies differently, or keep the other copy at the last place."""
+    the same order except among equal scores. For two rankings from separately encoded vectors (the
+    batch search and the notebook API each encode the query): the sample has copies of one listing,
+    and a query vector encoded in another batch differs in its last float bits, so the copies may
+    trade places or the other copy stay at the last place. (Rankings from the same vectors are equal
+    bit for bit: fusion.exact_top_k.)"""
     (got_ids, got_scores), (want_ids, want_scores) = got, want
     assert len(got_ids) == len(want_ids) and list(got_scores) == pytest.approx(list(want_scores), abs=tol), label
     for i, (g, w) in enumerate(zip(got_ids, want_ids)):

@@ -197,3 +197,69 @@ def test_arrow_vectors_read_as_the_pandas_path_does():
     assert np.allclose(got, want) and np.allclose(got[0], [0.6, 0.8, 0.0])
     got, got_has = arrow_vectors(pa.array([[1.0, 0.0]] * 4, pa.list_(pa.float32())), 2)  # none missing
     assert got_has.all() and got.shape == (4, 2)
+
+
+def random_products(rng, n, dim=384, prefix="p"):
+    """n products with unit text and image vectors (some missing), brands, prices and two sources."""
+    def unit(rows):
+        v = rng.normal(size=(rows, dim)).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+    t, i = unit(n), unit(n)
+    has_t, has_i = rng.random(n) > 0.1, rng.random(n) > 0.3
+    has_t |= ~has_i  # every product has some content
+    return fusion.Products(np.array([f"{prefix}{j:04d}" for j in range(n)], dtype=object),
+                           {"text": t * has_t[:, None], "image": i * has_i[:, None]}, {"text": has_t, "image": has_i},
+                           rng.integers(-1, 5, n), rng.integers(-1, 3, n), np.log(rng.uniform(1, 50, n)),
+                           rng.integers(0, 2, n))
+
+
+def test_paired_scores_are_the_matrix_scores_pair_by_pair():
+    rng = np.random.default_rng(0)
+    q, m = random_products(rng, 30), random_products(rng, 40, prefix="m")
+    w = FusionWeights.only(text=1.0, image=0.7, brand=0.2, category=0.1, price=0.3)
+    for kwargs in ({}, {"same_source_penalty": 0.3}, {"missing_share": 0.5}):
+        score, parts = fusion.pair_scores(q, m, w, price_scale=0.5, **kwargs)
+        r, c = np.meshgrid(np.arange(len(q)), np.arange(len(m)), indexing="ij")
+        r, c = r.ravel(), c.ravel()
+        paired, paired_parts = fusion.pair_scores(q.take(r), m.take(c), w, price_scale=0.5, paired=True, **kwargs)
+        assert paired.shape == (len(r),) and paired.dtype == np.float32
+        assert np.allclose(paired, score[r, c], atol=1e-6, equal_nan=True), kwargs
+        assert set(paired_parts) == set(parts)
+        for name, v in parts.items():
+            assert np.allclose(paired_parts[name], v[r, c], atol=1e-6, equal_nan=True), (kwargs, name)
+
+
+def test_exact_top_k_does_not_depend_on_the_batch():
+    """Copies of a listing (identical vectors) scored against a query in batches of different shapes
+    (a float32 matrix product's last bits depend on the shape): the same ids, order and score bits."""
+    rng = np.random.default_rng(1)
+    m = random_products(rng, 300, prefix="m")
+    copies = np.array([7, 7, 7, 42, 42])  # five rows that copy two products, under other ids
+    m = fusion.Products(np.concatenate([m.ids, [f"c{j}" for j in range(len(copies))]]).astype(object),
+                        {k: np.concatenate([v, v[copies]]) for k, v in m.vectors.items()},
+                        {k: np.concatenate([v, v[copies]]) for k, v in m.has.items()},
+                        np.concatenate([m.brand, m.brand[copies]]), np.concatenate([m.category, m.category[copies]]),
+                        np.concatenate([m.log_price, m.log_price[copies]]), np.concatenate([m.source, m.source[copies]]))
+    q = m.take(np.array([7, 42, 3, 100]))  # queries whose nearest members are the copies
+    w = FusionWeights.only(text=1.0, image=1.0, price=0.2)
+
+    def ranked(queries, members):
+        score, _ = fusion.pair_scores(queries, members, w, price_scale=0.5)
+        rows, cols, best, _ = fusion.exact_top_k(score, queries, members, 4, lambda a, b: fusion.pair_scores(
+            a, b, w, price_scale=0.5, paired=True))
+        return {queries.ids[r]: [] for r in rows} | {
+            queries.ids[r]: [(members.ids[c], s) for rr, c, s in zip(rows, cols, best) if rr == r] for r in set(rows)}
+
+    whole = ranked(q, m)
+    one_by_one = {}
+    for j in range(len(q)):
+        one_by_one |= ranked(q.take([j]), m)
+    kept = np.unique(np.concatenate([np.arange(0, 300, 3), np.arange(300, len(m)), [7, 42, 3, 100]]))
+    fewer_members = ranked(q, m.take(kept))  # another cell holding some of the same members
+    for qid, want in whole.items():
+        assert one_by_one[qid] == want, qid  # same ids, same order, same float32 bits
+        common = [x for x in want if x[0] in set(m.ids[kept])]
+        assert fewer_members[qid][:len(common)] == common, qid
+    # the copies of product 7 tie with it exactly, and stand in id order behind the query's own copies
+    ids = [i for i, _ in whole["m0007"]]
+    assert ids[:3] == ["c0", "c1", "c2"] and len({s for _, s in whole["m0007"][:3]}) == 1

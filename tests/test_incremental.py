@@ -8,8 +8,8 @@ from pyspark.sql import functions as F
 
 from prodsim_spark import pipeline
 from prodsim_spark.config import load_config
-from prodsim_spark.tables import INDEX, NEIGHBOURS, RunTables
-from conftest import ROOT, SAMPLE_CATALOG, assert_same_ranking
+from prodsim_spark.tables import EMBEDDINGS, INDEX, NEIGHBOURS, RunTables
+from conftest import ROOT, SAMPLE_CATALOG
 
 # several cells on the 308-product sample, so that routing and spill matter; groups are not needed here
 SETTINGS = ["join.block_size=40", "join.max_block_size=80", "join.exact_max_products=0", "group.enabled=false",
@@ -59,8 +59,8 @@ def test_an_incremental_run_equals_a_full_join_on_the_same_cells(spark, sample_r
     got = lists(tables.read(spark, NEIGHBOURS).where("status != 'rejected'"))
     want = lists(pipeline.lists_on_index(spark, str(out), config))
     assert set(got) == set(want) and {"NEW1", "NEW2"} <= set(got) and not set(removed) & set(got)
-    for pid, (ids, scores) in want.items():
-        assert_same_ranking(pid, got[pid], (ids, scores))
+    for pid, want_list in want.items():
+        assert got[pid] == want_list, pid  # the same ids in the same order, the same score bits (fusion.exact_top_k)
     assert not {n for ids, _ in got.values() for n in ids} & set(removed)  # gone from every list
     assert {"NEW1", "NEW2"} <= {n for ids, _ in got.values() for n in ids}
 
@@ -88,7 +88,8 @@ def test_an_incremental_run_equals_a_full_join_on_the_same_cells(spark, sample_r
         assert after[pid][0] == ids, pid  # no neighbour listed twice
         assert after[pid][1] == pytest.approx(scores, abs=1e-5), pid
 
-    # a change of the join's settings plans new cells (and says why)
-    third = pipeline.run_pipeline(spark, write_catalog(edited + added, tmp_path / "v2.csv"), str(out),
-                                  load_config(overrides=SETTINGS + ["join.incremental=true", "join.spill=2"]))
-    assert not third.incremental
+    # a change of the join's settings plans new cells, and says why (the decision a full run then takes)
+    spill = load_config(overrides=SETTINGS + ["join.incremental=true", "join.spill=2"])
+    kept, why = pipeline.previous_cells(spark, tables, spill, tables.read(spark, EMBEDDINGS))
+    assert kept is None and why.startswith("the join settings changed") and "spill" in why
+    assert pipeline.previous_cells(spark, tables, config, tables.read(spark, EMBEDDINGS))[1] is None
