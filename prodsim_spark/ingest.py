@@ -233,8 +233,11 @@ def check_export(catalog: DataFrame, previous: DataFrame | None, settings: Inges
     if previous is None or settings.max_removed_share >= 1:
         return
     before = live_catalog(previous).select("product_id")
-    known = before.count()
-    removed = before.join(live, "product_id", "left_anti").count()
+    # one job: the last run's live products, and those of them this export lacks
+    counts = (before.join(live.dropDuplicates(["product_id"]).withColumn("present", F.lit(True)), "product_id", "left")
+              .agg(F.count("*").alias("known"), F.count(F.when(F.col("present").isNull(), 1)).alias("removed"))
+              .first())
+    known, removed = counts["known"], counts["removed"]
     if known and removed / known > settings.max_removed_share:
         raise CatalogError(
             f"{removed} of the last run's {known} products ({removed / known:.0%}) are not in this export, more than "
@@ -243,13 +246,18 @@ def check_export(catalog: DataFrame, previous: DataFrame | None, settings: Inges
             f"--set ingest.max_removed_share=1", stage="ingest", path=path)
 
 
+def row_counts(catalog: DataFrame) -> tuple[dict[str, int], dict[str, int]]:
+    """(rows per status, rows per reason code) in one Spark job, for logs and the CLI summary; a row
+    with two reasons counts under both."""
+    statuses, reasons = {s: 0 for s in ("ok", "warn", "rejected")}, {}
+    for r in catalog.groupBy("status", "reason").count().collect():
+        statuses[r["status"]] = statuses.get(r["status"], 0) + r["count"]
+        for code in (r["reason"] or "").split(";"):
+            if code:
+                reasons[code] = reasons.get(code, 0) + r["count"]
+    return statuses, dict(sorted(reasons.items()))
+
+
 def reason_counts(catalog: DataFrame) -> dict[str, int]:
-    """Rows per reason code (a row with two reasons counts under both), for logs and the CLI summary."""
-    rows = (catalog.where(F.col("reason").isNotNull())
-            .select(F.explode(F.split("reason", ";")).alias("code")).groupBy("code").count().collect())
-    return dict(sorted((r["code"], r["count"]) for r in rows))
-
-
-def status_counts(catalog: DataFrame) -> dict[str, int]:
-    counts = {r["status"]: r["count"] for r in catalog.groupBy("status").count().collect()}
-    return {s: counts.get(s, 0) for s in ("ok", "warn", "rejected")}
+    """Rows per reason code (a row with two reasons counts under both)."""
+    return row_counts(catalog)[1]

@@ -51,8 +51,7 @@ def run_ingest(spark: SparkSession, catalog_path: str, output: str, config: Prod
         io.write_delta(catalog, path)
         catalog.unpersist()
         written = io.read_delta(spark, path)  # count what landed, not a recomputation
-        result.status = ingest.status_counts(written)
-        result.reasons = ingest.reason_counts(written)
+        result.status, result.reasons = ingest.row_counts(written)
         result.rows = sum(result.status.values())
         result.tables[CATALOG] = path
     log.info("[ingest] %d rows: %s", result.rows, ", ".join(f"{k}={v}" for k, v in result.status.items()))
