@@ -219,14 +219,14 @@ def top_k(score: np.ndarray, q_ids: np.ndarray, m_ids: np.ndarray, k: int, *, sl
 RESCORE_SLACK = 1e-4
 
 
-def exact_top_k(score: np.ndarray, q: Products, m: Products, k: int, rescore, *, q_ids: np.ndarray | None = None,
+def exact_top_k(score: np.ndarray, q: Products, m: Products, k: int, scorer, *, q_ids: np.ndarray | None = None,
                 chunk: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Each query row's k best members of ``m``, ranked by exact per-pair scores: (rows, cols, score,
     parts), grouped by row, best first, ties by member id.
 
     ``score``: the float32 (|q|, |m|) fused scores (NaN: never listed) that pick a shortlist (see
-    :func:`top_k`'s ``slack``); ``rescore(a, b)``: the same scoring on row-aligned products,
-    ``pair_scores(..., paired=True)``. Why: a float32 matrix product's value for one pair depends in its
+    :func:`top_k`'s ``slack``); ``scorer``: :func:`pair_scores` with the caller's settings (a
+    ``functools.partial``), which made ``score`` and is called here with ``paired=True``. Why: a float32 matrix product's value for one pair depends in its
     last bits on the shape of the batch (BLAS picks kernels by shape), so copies of one listing scored
     in different batches (a cell of the full join, an incremental scan, a search batch) could trade
     places between runs. A pair's exact score does not depend on its batch, so the lists are the same
@@ -235,7 +235,7 @@ def exact_top_k(score: np.ndarray, q: Products, m: Products, k: int, rescore, *,
     rows, cols = top_k(score, q.ids if q_ids is None else q_ids, m.ids, k, slack=RESCORE_SLACK, member_rank=rank)
     scored, parts = [], {}
     for start in range(0, len(rows), chunk):  # bounded memory: the pairs' vectors are gathered per chunk
-        s, p = rescore(q.take(rows[start:start + chunk]), m.take(cols[start:start + chunk]))
+        s, p = scorer(q.take(rows[start:start + chunk]), m.take(cols[start:start + chunk]), paired=True)
         scored.append(s)
         for name, v in p.items():
             parts.setdefault(name, []).append(v)

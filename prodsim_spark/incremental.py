@@ -24,6 +24,7 @@ when the cells have drifted, the neighbours stage plans new cells instead: see
 from __future__ import annotations
 
 import logging
+from functools import partial
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -172,16 +173,15 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
              "(queries collected in %.1f s)", len(changes.new), len(changes.removed), len(changes.rescored),
              len(set(q_by_home) | set(m_by_cell)), time.perf_counter() - started)
 
-    def exact(a: fusion.Products, b: fusion.Products):  # row-aligned pairs, as the full join scores them
-        return fusion.pair_scores(a, b, weights, price_scale=scale, same_source_penalty=penalty, paired=True)
+    scorer = partial(fusion.pair_scores, weights=weights, price_scale=scale, same_source_penalty=penalty)
 
     def emit(out: list, a: fusion.Products, b: fusion.Products, floor: np.ndarray | None = None) -> None:
         """Each row of ``a``'s best k among ``b`` (those scoring at least its ``floor``), one row per
         candidate (flat: splitting them into per-product arrays cost more than the scoring)."""
-        score, _ = fusion.pair_scores(a, b, weights, price_scale=scale, same_source_penalty=penalty)
+        score, _ = scorer(a, b)
         if hard:  # as the full join's (cell, category) groups
             score = np.where(a.category[:, None] == b.category[None, :], score, np.nan)
-        r, c, best, parts = fusion.exact_top_k(score, a, b, k, exact)
+        r, c, best, parts = fusion.exact_top_k(score, a, b, k, scorer)
         if floor is not None:
             keep = best >= floor[r]
             r, c, best, parts = r[keep], c[keep], best[keep], {f: v[keep] for f, v in parts.items()}

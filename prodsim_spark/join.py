@@ -20,6 +20,7 @@ product.
 from __future__ import annotations
 
 import logging
+from functools import partial
 import time
 from typing import Iterator, NamedTuple
 
@@ -179,12 +180,12 @@ def score_cell(pdf: pd.DataFrame, *, dims: dict[str, int], weights: FusionWeight
     members = products_from_routed(pdf, dims)
     query_rows = np.flatnonzero(pdf["home"].to_numpy(dtype=bool))
     out: dict[str, list] = {f: [] for f in LISTS_SCHEMA.fieldNames()}
+    scorer = partial(fusion.pair_scores, weights=weights, price_scale=price_scale,
+                     same_source_penalty=same_source_penalty)
     for start in range(0, len(query_rows), QUERY_CHUNK):
         q = members.take(query_rows[start:start + QUERY_CHUNK])
-        score, _ = fusion.pair_scores(q, members, weights, price_scale=price_scale,
-                                      same_source_penalty=same_source_penalty)
-        rows, cols, best, parts = fusion.exact_top_k(score, q, members, k, lambda a, b: fusion.pair_scores(
-            a, b, weights, price_scale=price_scale, same_source_penalty=same_source_penalty, paired=True))
+        score, _ = scorer(q, members)
+        rows, cols, best, parts = fusion.exact_top_k(score, q, members, k, scorer)
         bounds = np.searchsorted(rows, np.arange(len(q) + 1))
         values = {"product_id": members.ids[cols], "score": best,
                   **{c: parts.get(c, np.zeros(len(rows), np.float32)) for c in fusion.PARTS}}

@@ -32,6 +32,7 @@ array<struct<product_id, score, text, image, lexical>>, searched_at, index_finge
 from __future__ import annotations
 
 import logging
+from functools import partial
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -162,13 +163,12 @@ def score_queries(q: fusion.Products, filters: Filters, members: fusion.Products
     components (see the module docstring; ``missing_share``: ``search.missing_share``), filters applied;
     rows grouped by query, best first."""
     weights = index.weights.replaced(brand=0.0, category=0.0, price=0.0)  # a query has no attributes
-    scale = index.meta["price_scale"]
-    score, _ = fusion.pair_scores(q, members, weights, price_scale=scale, missing_share=missing_share)
+    scorer = partial(fusion.pair_scores, weights=weights, price_scale=index.meta["price_scale"],
+                     missing_share=missing_share)
+    score, _ = scorer(q, members)
     score = np.where(filters.allowed(members), score, np.nan)
-    rows, cols, best, parts = fusion.exact_top_k(
-        score, q, members, k, lambda a, b: fusion.pair_scores(a, b, weights, price_scale=scale,
-                                                              missing_share=missing_share, paired=True),
-        q_ids=np.array([None] * len(q), dtype=object))
+    rows, cols, best, parts = fusion.exact_top_k(score, q, members, k, scorer,
+                                                 q_ids=np.array([None] * len(q), dtype=object))
     return rows, cols, best, {c: parts.get(c, np.zeros(len(rows), np.float32)) for c in QUERY_PARTS}
 
 

@@ -1,4 +1,6 @@
 """Pure parts of the join: fused scores, renormalisation, top-K ties, IVF cells under skew."""
+from functools import partial
+
 import numpy as np
 
 from prodsim_spark import fusion
@@ -244,9 +246,9 @@ def test_exact_top_k_does_not_depend_on_the_batch():
     w = FusionWeights.only(text=1.0, image=1.0, price=0.2)
 
     def ranked(queries, members):
-        score, _ = fusion.pair_scores(queries, members, w, price_scale=0.5)
-        rows, cols, best, _ = fusion.exact_top_k(score, queries, members, 4, lambda a, b: fusion.pair_scores(
-            a, b, w, price_scale=0.5, paired=True))
+        scorer = partial(fusion.pair_scores, weights=w, price_scale=0.5)
+        score, _ = scorer(queries, members)
+        rows, cols, best, _ = fusion.exact_top_k(score, queries, members, 4, scorer)
         return {queries.ids[r]: [] for r in rows} | {
             queries.ids[r]: [(members.ids[c], s) for rr, c, s in zip(rows, cols, best) if rr == r] for r in set(rows)}
 
