@@ -14,13 +14,6 @@ added, changed or removed:
   enters is not touched at all (at 1% changed, most lists);
 * removed products leave every list (only rescored products listed them).
 
-A complete list is scored in every block of the scan that holds members of its home cell, and each
-block could send its best k: many partial lists per product to rank again. Instead each complete list
-gets a floor first (:func:`complete_floors`): the k-th best score among members whose score is known
-on the driver (the old list's entries that stay, the new members of the cell); only candidates at or
-above it leave the scan. At 1% changed, most rescored products lost one entry and keep k - 1, so the
-floor is close to their final k-th score.
-
 So the result equals a full join on the same cells (a test checks it). One scan of the products does
 all the scoring: the rescored and the new products are broadcast to the executors, grouped by cell,
 and nothing of the catalog is shuffled except the candidates. The broadcast is the limit: it holds
@@ -143,37 +136,6 @@ def find_changes(state: DataFrame, previous_state: DataFrame, previous_lists: Da
     return Changes(new, removed, rescored, state.count())
 
 
-def known_scores(previous_lists: DataFrame, changes: Changes) -> dict[str, np.ndarray]:
-    """For each rescored product, the scores of its old list's entries that stay: neither of the pair
-    changed, so each is still a member of its home cell with that very score."""
-    if not changes.rescored:
-        return {}
-    gone = set(changes.new) | set(changes.removed)
-    rows = (previous_lists.join(F.broadcast(id_frame(previous_lists.sparkSession, changes.rescored)), "product_id",
-                                "left_semi")
-            .select("product_id", F.col("neighbours.product_id").alias("ids"), F.col("neighbours.score").alias("scores"))
-            .collect())
-    return {r["product_id"]: np.array([s for i, s in zip(r["ids"], r["scores"]) if i not in gone], dtype=np.float64)
-            for r in rows}
-
-
-def complete_floors(q: fusion.Products, q_by_home: dict, m_by_cell: dict, known: dict[str, np.ndarray],
-                    best_k, k: int) -> np.ndarray:
-    """Per query (a product whose list is made complete again), a lower bound of its new list's k-th
-    score, -inf where fewer than k scores are known: the k-th best over members of its home cell whose
-    score is known without the scan, namely its old list's entries that stay (``known``) and the new
-    members of the cell (all on the driver). The true k-th best over all members is at least that, so
-    a candidate scoring below it cannot enter the list. ``best_k(a, b)``: the scan's exact scoring."""
-    scores = [list(known.get(pid, ())) for pid in q.ids]
-    for cell, rows in q_by_home.items():
-        members = m_by_cell.get(cell)
-        if members is not None and len(members):
-            r, _, best, _ = best_k(q.take(rows), q.take(members))
-            for row, score in zip(rows[r], best):
-                scores[row].append(score)
-    return np.array([np.sort(s)[-k] if len(s) >= k else -np.inf for s in scores], dtype=np.float64)
-
-
 def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: DataFrame, changes: Changes,
                       centroids: np.ndarray, dims: dict[str, int], settings: JoinSettings, several_sources: bool
                       ) -> DataFrame:
@@ -205,35 +167,27 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
                  if len(members)}
     m_by_cell = {c: new_rows[members] for c, members in enumerate(fusion.rows_by_cell(q_cells[is_new], len(centroids)))
                  if len(members)}
-    scorer = partial(fusion.pair_scores, weights=weights, price_scale=scale, same_source_penalty=penalty)
+    shared = spark.sparkContext.broadcast({"q": q, "q_by_home": q_by_home, "m_by_cell": m_by_cell,
+                                           "queries": set(queries_ids)})
+    log.info("[join] incremental: %d new or changed, %d removed, %d unchanged products rescored; %d cells touched "
+             "(queries collected in %.1f s)", len(changes.new), len(changes.removed), len(changes.rescored),
+             len(set(q_by_home) | set(m_by_cell)), time.perf_counter() - started)
 
-    def best_k(a: fusion.Products, b: fusion.Products):
-        """Each row of ``a``'s best k among ``b``, exactly scored: (rows, cols, scores, parts)."""
-        score, _ = scorer(a, b)
-        if hard:  # as the full join's (cell, category) groups
-            score = np.where(a.category[:, None] == b.category[None, :], score, np.nan)
-        return fusion.exact_top_k(score, a, b, k, scorer)
+    scorer = partial(fusion.pair_scores, weights=weights, price_scale=scale, same_source_penalty=penalty)
 
     def emit(out: list, a: fusion.Products, b: fusion.Products, floor: np.ndarray | None = None) -> None:
         """Each row of ``a``'s best k among ``b`` (those scoring at least its ``floor``), one row per
         candidate (flat: splitting them into per-product arrays cost more than the scoring)."""
-        r, c, best, parts = best_k(a, b)
+        score, _ = scorer(a, b)
+        if hard:  # as the full join's (cell, category) groups
+            score = np.where(a.category[:, None] == b.category[None, :], score, np.nan)
+        r, c, best, parts = fusion.exact_top_k(score, a, b, k, scorer)
         if floor is not None:
             keep = best >= floor[r]
             r, c, best, parts = r[keep], c[keep], best[keep], {f: v[keep] for f, v in parts.items()}
         if len(r):
             out.append(pd.DataFrame({"product_id": a.ids[r], "n_product_id": b.ids[c], "n_score": best,
                                      **{f"n_{f}": parts.get(f, np.zeros(len(r), np.float32)) for f in fusion.PARTS}}))
-
-    # a lower bound of each complete list's k-th score (see complete_floors): the scan then emits only
-    # the candidates that can be in the list, not each block's best k of every query
-    q_floor = complete_floors(q, q_by_home, m_by_cell, known_scores(previous_lists, changes), best_k, k)
-    shared = spark.sparkContext.broadcast({"q": q, "q_by_home": q_by_home, "m_by_cell": m_by_cell,
-                                           "q_floor": q_floor - SCORE_SLACK, "queries": set(queries_ids)})
-    log.info("[join] incremental: %d new or changed, %d removed, %d unchanged products rescored; %d cells touched "
-             "(queries collected in %.1f s; %d of %d complete lists with a floor)", len(changes.new), len(changes.removed),
-             len(changes.rescored), len(set(q_by_home) | set(m_by_cell)), time.perf_counter() - started,
-             int(np.isfinite(q_floor).sum()), len(q_floor))
 
     def blocks(batches: Iterator[pa.RecordBatch], rows: int = 250_000) -> Iterator[pa.Table]:
         # whole partitions (up to `rows`: ~1 GB of 384-d rows) at a time: the per-cell loop below runs
@@ -269,7 +223,7 @@ def update_neighbours(products: DataFrame, state: DataFrame, previous_lists: Dat
             # complete lists: a query against every member of its home cell found in this block
             for cell, idx in s["q_by_home"].items():
                 if len(stored[cell]):
-                    emit(out, q_all.take(idx), p.take(stored[cell]), s["q_floor"][idx])
+                    emit(out, q_all.take(idx), p.take(stored[cell]))
             # kept lists: an unchanged product against the new members that store a copy in its home
             for cell, idx in s["m_by_cell"].items():
                 rows = homed[cell][kept[homed[cell]]]

@@ -2,18 +2,14 @@
 changed and removed equals a full join over the same cells, and rewrites only the lists that change."""
 import csv
 import shutil
-from functools import partial
 
-import numpy as np
 import pytest
 from pyspark.sql import functions as F
 
-from prodsim_spark import fusion, pipeline
-from prodsim_spark.config import FusionWeights, load_config
-from prodsim_spark.incremental import complete_floors
+from prodsim_spark import pipeline
+from prodsim_spark.config import load_config
 from prodsim_spark.tables import EMBEDDINGS, INDEX, NEIGHBOURS, RunTables
 from conftest import ROOT, SAMPLE_CATALOG
-from test_fusion import random_products
 
 # several cells on the 308-product sample, so that routing and spill matter; groups are not needed here
 SETTINGS = ["join.block_size=40", "join.max_block_size=80", "join.exact_max_products=0", "group.enabled=false",
@@ -97,31 +93,3 @@ def test_an_incremental_run_equals_a_full_join_on_the_same_cells(spark, sample_r
     kept, why = pipeline.previous_cells(spark, tables, spill, tables.read(spark, EMBEDDINGS))
     assert kept is None and why.startswith("the join settings changed") and "spill" in why
     assert pipeline.previous_cells(spark, tables, config, tables.read(spark, EMBEDDINGS))[1] is None
-
-
-
-def test_a_complete_lists_floor_never_cuts_a_member_of_its_new_list():
-    """complete_floors: the k-th best of the scores known on the driver (old entries that stay, new
-    members of the cell) is at most the k-th best over every member, so the scan's candidates below it
-    can be dropped; fewer than k known scores give no floor."""
-
-    rng = np.random.default_rng(3)
-    k = 5
-    members = random_products(rng, 120, dim=16)  # one cell; products 100-119 are new
-    scorer = partial(fusion.pair_scores, weights=FusionWeights.only(text=1.0, image=0.5, price=0.2), price_scale=0.5)
-
-    def best_k(a, b):
-        return fusion.exact_top_k(scorer(a, b)[0], a, b, k, scorer)
-
-    # the queries: ten unchanged products whose list lost an entry, and the new products
-    q = members.take(np.concatenate([np.arange(10), np.arange(100, 120)]))
-    r, _, full, _ = best_k(q, members)  # the new lists, over every member
-    kth = np.array([full[r == row][-1] for row in range(len(q))])
-    old_r, _, old, _ = best_k(q.take(np.arange(10)), members.take(np.arange(100)))  # the lists before
-    known = {q.ids[row]: np.delete(old[old_r == row], rng.integers(k)) for row in range(10)}  # k - 1 stay
-    new_rows = np.arange(10, 30)
-    floors = complete_floors(q, {0: np.arange(len(q))}, {0: new_rows}, known, best_k, k)
-    assert np.isfinite(floors).all()
-    assert (floors <= kth).all()  # no member of a new list scores below its floor
-    # without the new members, k - 1 known scores are too few: no floor
-    assert np.isinf(complete_floors(q, {0: np.arange(len(q))}, {}, known, best_k, k)).all()
