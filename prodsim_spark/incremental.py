@@ -70,7 +70,8 @@ def input_state(products: DataFrame, centroids: np.ndarray, weights, dims: dict[
     the largest cost of a re-run that re-routed all)."""
     products = standard_columns(products)
     cols = [c for c in products.columns if c != "product_id"]
-    input_hash = F.xxhash64(*cols, F.array(*[F.col(c).isNull() for c in cols])).alias("input_hash")
+    hashed = products.select("product_id", F.xxhash64(*cols, F.array(*[F.col(c).isNull() for c in cols])).alias("input_hash"),
+                             *cols)
 
     def route(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
@@ -80,20 +81,14 @@ def input_state(products: DataFrame, centroids: np.ndarray, weights, dims: dict[
                                 "home": cells[:, 0], "cells": list(cells)})
 
     if previous is None or "cells" not in previous.columns:
-        return products.select("product_id", input_hash, *cols).mapInPandas(route, STATE_SCHEMA)
-    # the comparison with the previous state carries ids and hashes only; the vectors are read again
-    # for the few products that need routing (carried through the join, 400k rows of vectors made the
-    # join the largest part of this step)
+        return hashed.mapInPandas(route, STATE_SCHEMA)
     old = _small(previous.select("product_id", F.col("input_hash").alias("old_hash"), F.col("home").alias("old_home"),
                                  F.col("cells").alias("old_cells")))
-    both = products.select("product_id", input_hash).join(old, "product_id", "left")
+    both = hashed.join(old, "product_id", "left")
     same = F.coalesce((F.col("old_hash") == F.col("input_hash")) & (F.size("old_cells") == spill), F.lit(False))
     kept = both.where(same).select("product_id", "input_hash", F.col("old_home").alias("home"),
                                    F.col("old_cells").alias("cells"))
-    moved = _small(both.where(~same).select("product_id"))  # few, unless most products changed
-    routed = (products.join(moved, "product_id", "left_semi")
-              .select("product_id", input_hash, *cols).mapInPandas(route, STATE_SCHEMA))
-    return kept.unionByName(routed)
+    return kept.unionByName(both.where(~same).select("product_id", "input_hash", *cols).mapInPandas(route, STATE_SCHEMA))
 
 
 def id_frame(spark, ids) -> DataFrame:
