@@ -205,25 +205,39 @@ def _rank_all(searcher: Searcher, q: fusion.Products, k: int, probe: int | None 
 
 
 def bench_search_quality(spark, config: ProdsimConfig, dataset: str, data: Path, work: Path, *,
-                         split: str = "train") -> dict:
+                         split: str = "train", tuned_image: bool = False) -> dict:
     """Search quality on ``dataset`` (see the module docstring): per query mode, ours, exact fused and
-    the baseline, with R@1, R@k, P@k and MRR at k = ``search.k``."""
-    k = config.search.k
+    the baseline, with R@1, R@k, P@k and MRR at k = ``search.k``. ``tuned_image`` (grocery): see
+    :func:`bench_tuned_image_search`."""
+    if tuned_image:
+        if dataset != "grocery":
+            raise ValueError("a tuned image encoder is measured on the grocery listings only")
+        return bench_tuned_image_search(spark, config, data, work, split=split)
     if dataset == "grocery":
         catalog, _ = datasets.grocery_catalog(data, work / f"listings-{split}", split)
         queries = grocery_queries(data, catalog.parent / "groups.csv")
+    else:
+        catalog, queries = datasets.amazon_catalog_and_google_queries(data, work / "data")
+    out = measure_search(spark, config, dataset, catalog, queries, work / "run")
+    if dataset == "grocery":
+        out["split"] = split
+    return out
+
+
+def measure_search(spark, config: ProdsimConfig, dataset: str, catalog: Path, queries: list[dict], run: Path) -> dict:
+    """``catalog`` run (ingest, embed, neighbours) into ``run``, then every query through the notebook
+    API: ours, exact fused and the dataset's baseline, per query mode."""
+    k = config.search.k
+    if dataset == "grocery":
         modes = {"text": lambda q: (q["text"], None), "image": lambda q: (None, q["image"]),
                  "text+image": lambda q: (q["text"], q["image"])}
     else:
-        catalog, queries = datasets.amazon_catalog_and_google_queries(data, work / "data")
         modes = {"text": lambda q: (q["text"], None)}
-    tables = datasets.run_catalog(spark, catalog, work / "run", config)
+    tables = datasets.run_catalog(spark, catalog, run, config)
     searcher = Searcher.load(spark, tables.output, config)
     relevant = [q["relevant"] for q in queries]
     out = {"dataset": dataset, "k": k, "probe": config.search.probe, "products": len(searcher.products),
            "cells": int(len(searcher.index.centroids)), "methods": {}}
-    if dataset == "grocery":
-        out["split"] = split
     for mode, parts in modes.items():
         started = time.perf_counter()
         q = stack_queries([searcher.embed_query(*parts(one)) for one in queries])
@@ -243,6 +257,57 @@ def bench_search_quality(spark, config: ProdsimConfig, dataset: str, data: Path,
                                search_ms_per_query=round(search_ms, 2))
         out["methods"][mode] = methods
     log.info("[bench search %s] %s", dataset, out)
+    return out
+
+
+def halves(catalog: Path, groups: Path, out: Path) -> dict[str, tuple[Path, Path]]:
+    """The listings of ``catalog`` in two halves by their id (a hash: no product's listings all on one
+    side), each written as (catalog, groups) under ``out``/tune and ``out``/search."""
+    rows = list(csv.DictReader(open(catalog, encoding="utf-8")))
+    group = {r["product_id"]: r["group"] for r in csv.DictReader(open(groups, encoding="utf-8"))}
+    written = {}
+    for side, parity in (("tune", 0), ("search", 1)):
+        folder = out / side
+        folder.mkdir(parents=True, exist_ok=True)
+        mine = [r for r in rows if int(r["product_id"][1:], 16) % 2 == parity]  # ids are "L" + hex digits
+        with open(folder / "catalog.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(mine)
+        with open(folder / "groups.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["product_id", "group"])
+            w.writerows((r["product_id"], group[r["product_id"]]) for r in mine)
+        written[side] = (folder / "catalog.csv", folder / "groups.csv")
+    return written
+
+
+def bench_tuned_image_search(spark, config: ProdsimConfig, data: Path, work: Path, *, split: str = "train") -> dict:
+    """Search with a fine-tuned image encoder, as a shop that tuned it on its own listings would run it,
+    without measuring on what it trained on: the split's listings in two halves by id; the image
+    encoder is fine-tuned (``prodsim fine-tune --modality image``, the configured settings) on one half's
+    groups, and the other half is the catalog searched, with the pretrained and with the tuned encoder
+    (new photos of known products; the queries' studio photos and names are never trained on)."""
+    from prodsim_spark import finetune, io
+    from prodsim_spark.config import with_overrides
+    from prodsim_spark.pipeline import run_ingest
+    from prodsim_spark.tables import CATALOG, RunTables
+
+    catalog, _ = datasets.grocery_catalog(data, work / f"listings-{split}", split)
+    parts = halves(catalog, catalog.parent / "groups.csv", work / f"halves-{split}")
+    tune_catalog, tune_groups = parts["tune"]
+    tune_run = RunTables.at(str(work / "tune-run"))
+    run_ingest(spark, str(tune_catalog), tune_run.output, config)
+    rows, not_found = finetune.image_training_rows(tune_run.read(spark, CATALOG), io.read_groups(spark, str(tune_groups)))
+    report = finetune.fine_tune(spark, "image", rows, not_found, config, str(work / "models" / "image"))
+    search_catalog, search_groups = parts["search"]
+    queries = grocery_queries(data, search_groups)
+    out = {"dataset": "grocery", "split": split, "tuned_on": str(tune_catalog), "searched": str(search_catalog),
+           "training": {key: report[key] for key in ("train_s", "photos", "groups", "loss_per_epoch", "ids_not_found")
+                        if key in report}, "set": report["set"], "encoders": {}}
+    for label, settings in (("pretrained", config), ("fine-tuned image", with_overrides(config, report["set"]))):
+        out["encoders"][label] = measure_search(spark, settings, "grocery", search_catalog, queries,
+                                                work / f"search-run-{label.split()[0]}")
     return out
 
 

@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     b_search.add_argument("--data", metavar="DIR", help="the dataset's folder (with --dataset)")
     b_search.add_argument("--work", default="out/bench-search", metavar="DIR", help="scratch folder (with --dataset)")
     b_search.add_argument("--split", choices=["train", "val"], default="train", help="grocery: the listings' split")
+    b_search.add_argument("--tuned-image", action="store_true",
+                          help="grocery: fine-tune the image encoder on half the listings' groups and search the "
+                               "other half, pretrained and tuned (benchmarks/search.py: bench_tuned_image_search)")
     b_search.add_argument("--json", action="store_true")
     _add_config_args(b_search)
 
@@ -465,19 +468,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         if not args.data:
             raise ConfigError("--dataset needs --data DIR (the dataset's folder)", stage="bench search")
+        if args.tuned_image and args.dataset != "grocery":
+            raise ConfigError("--tuned-image is measured on --dataset grocery only (its listings have photos)",
+                              stage="bench search")
         datasets.check(args.dataset, Path(args.data))
         config = _config_from(args)
         spark = get_session(config.spark)
         result = bench_search.bench_search_quality(spark, config, args.dataset, Path(args.data).resolve(),
-                                                   Path(args.work), split=args.split)
+                                                   Path(args.work), split=args.split, tuned_image=args.tuned_image)
         if args.json:
             print(json.dumps(result, indent=2))
         else:
             from prodsim_spark.evaluate import markdown_table
 
-            for mode, methods in result["methods"].items():
-                print(f"{mode} queries:")
-                print(markdown_table(methods))
+            for label, measured in (result["encoders"].items() if args.tuned_image else [("", result)]):
+                for mode, methods in measured["methods"].items():
+                    print(f"{mode} queries{', ' + label + ' encoders' if label else ''}:")
+                    print(markdown_table(methods))
         return 0
     config = _config_from(args)
     spark = get_session(config.spark)
