@@ -144,6 +144,28 @@ def test_search_quality_metrics_count_relevant_results_and_first_ranks():
     assert query_text("Bravo-Apple-Juice", "Juice") == "Bravo Apple Juice"
 
 
+
+def test_the_tuned_image_bench_never_searches_a_listing_it_trained_on(tmp_path):
+    """bench search --tuned-image splits the listings in two halves: every listing in exactly one, with
+    its group, so the searched half holds none of the photos the encoder was tuned on."""
+    from benchmarks.search import halves
+
+    ids = [f"L{i:012x}" for i in range(40)]
+    (tmp_path / "catalog.csv").write_text("product_id,title,image_uri\n" + "".join(f"{i},Milk,{i}.jpg\n" for i in ids))
+    (tmp_path / "groups.csv").write_text("product_id,group\n" + "".join(f"{i},{n % 4}\n" for n, i in enumerate(ids)))
+    parts = halves(tmp_path / "catalog.csv", tmp_path / "groups.csv", tmp_path / "out")
+
+    def read(path):
+        return list(csv.DictReader(open(path, encoding="utf-8")))
+
+    tune, searched = ({r["product_id"] for r in read(parts[side][0])} for side in ("tune", "search"))
+    assert tune and searched and not tune & searched and tune | searched == set(ids)
+    for side in ("tune", "search"):
+        groups = {r["product_id"]: r["group"] for r in read(parts[side][1])}
+        assert set(groups) == {r["product_id"] for r in read(parts[side][0])}
+        assert all(groups[i] == str(ids.index(i) % 4) for i in groups)
+
+
 def test_a_blocked_index_answers_the_same_in_batch_and_notebook_and_close_to_exact(spark):
     """Many cells (a large catalog's case): products stored in their search.spill nearest cells, a
     query searched from its nearest; with two probes a product stored in both is listed once."""
