@@ -295,6 +295,8 @@ def bench_tuned_image_search(spark, config: ProdsimConfig, data: Path, work: Pat
 
     catalog, _ = datasets.grocery_catalog(data, work / f"listings-{split}", split)
     parts = halves(catalog, catalog.parent / "groups.csv", work / f"halves-{split}")
+    # the halves name the listings' photos where make_listings.py put them, beside the whole catalog
+    config = with_overrides(config, [f"ingest.image_root={catalog.parent.resolve()}"])
     tune_catalog, tune_groups = parts["tune"]
     tune_run = RunTables.at(str(work / "tune-run"))
     run_ingest(spark, str(tune_catalog), tune_run.output, config)
