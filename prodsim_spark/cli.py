@@ -486,6 +486,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     print(f"{mode} queries{', ' + label + ' encoders' if label else ''}:")
                     print(markdown_table(methods))
         return 0
+    if args.bench == "search" and args.tuned_image:
+        raise ConfigError("--tuned-image needs --dataset grocery --data DIR", stage="bench search")
     config = _config_from(args)
     spark = get_session(config.spark)
     if args.bench == "search":

@@ -95,6 +95,8 @@ def test_user_errors_end_as_short_messages_before_spark(tmp_path):
     dataset = run_cli("bench", "quality", "--dataset", "grocery", "--data", str(tmp_path / "nope"))
     assert dataset.returncode == 2 and dataset.stderr.startswith("prodsim bench quality: error:")
     assert "grocery dataset folder does not exist" in dataset.stderr
+    tuned = run_cli("bench", "search", "--tuned-image")  # would silently run the synthetic bench
+    assert tuned.returncode == 2 and "--tuned-image needs --dataset grocery" in tuned.stderr
     pairs = run_cli("evaluate", "--output", str(tmp_path), "--pairs", str(tmp_path / "none.csv"))
     assert pairs.returncode == 2 and "none.csv" in pairs.stderr
     # these used to start a JVM and die in it (JAVA_GATEWAY_EXITED, a Java stack)
