@@ -158,19 +158,19 @@ def bench_grocery(spark, config: ProdsimConfig, data: Path, work: Path, modaliti
     methods, fitted = {}, {}
     for label, products in (("pretrained", run_products(spark, pretrained.output, config)),
                             ("fine-tuned", run_products(spark, tuned.output, tuned_config))):
-        for name, component_weights in (("image alone", FusionWeights.only(image=1.0)), ("text alone", FusionWeights.only(text=1.0)),
-                              ("fused", config.join.weights)):
-            methods[f"{label} {name}"] = _measure(products, config.join.replaced(weights=component_weights), pairs, queries,
-                                                  cutoffs)
-            log.info("[bench fine-tune] %s %s: %s", label, name, methods[f"{label} {name}"])
-        # image alone over the val listings that have a photo: a text-only listing cannot be a query of
-        # an image-only search, and counts as a miss in the row above (15% of the val listings)
-        methods[f"{label} image alone, listings with a photo"] = _measure(
-            products, config.join.replaced(weights=FusionWeights.only(image=1.0)), pairs,
-            queries.join(products.where(F.col("image_embedding").isNotNull()).select("product_id"), "product_id",
-                         "left_semi"), cutoffs)
-        log.info("[bench fine-tune] %s image alone, listings with a photo: %s", label,
-                 methods[f"{label} image alone, listings with a photo"])
+        # image alone also over the val listings that have a photo: a text-only listing cannot be a query
+        # of an image-only search, and counts as a miss over all val listings (15% of them)
+        with_photo = queries.join(products.where(F.col("image_embedding").isNotNull()).select("product_id"),
+                                  "product_id", "left_semi")
+        for name, component_weights, query_sets in (
+                ("image alone", FusionWeights.only(image=1.0), {"": queries, ", listings with a photo": with_photo}),
+                ("text alone", FusionWeights.only(text=1.0), {"": queries}),
+                ("fused", config.join.weights, {"": queries})):
+            lists = join.find_neighbours(products, config.join.replaced(weights=component_weights)).persist()
+            for suffix, measured in query_sets.items():
+                methods[f"{label} {name}{suffix}"] = evaluate.metrics(lists, pairs, measured, cutoffs=cutoffs)
+                log.info("[bench fine-tune] %s %s%s: %s", label, name, suffix, methods[f"{label} {name}{suffix}"])
+            lists.unpersist()
         # the weights fitted on the train listings' pairs (the val listings' labels are never seen)
         lists = evaluate.ablations(products, config)
         fit = weights.fit_on_lists(products, lists, train_pairs, config, hubness=False)

@@ -268,12 +268,8 @@ def halves(catalog: Path, groups: Path, out: Path) -> dict[str, tuple[Path, Path
     written = {}
     for side, parity in (("tune", 0), ("search", 1)):
         folder = out / side
-        folder.mkdir(parents=True, exist_ok=True)
         mine = [r for r in rows if int(r["product_id"][1:], 16) % 2 == parity]  # ids are "L" + hex digits
-        with open(folder / "catalog.csv", "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(mine)
+        datasets.write_catalog(mine, folder)
         with open(folder / "groups.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["product_id", "group"])
