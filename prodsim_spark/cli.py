@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -737,7 +738,7 @@ def cmd_fine_tune(args: argparse.Namespace) -> int:
         print(f"prodsim fine-tune: {args.modality} model -> {result['model_dir']} (loss per epoch "
               f"{result['loss_per_epoch']}, {result['train_s']:.0f} s; {result['ids_not_found']} labelled ids "
               f"{finetune.missing_ids(args.modality)})")
-        print("use it with: " + " ".join(f"--set {item}" for item in result["set"]))
+        print("use it with: " + " ".join(f"--set {shlex.quote(item)}" for item in result["set"]))
     return 0
 
 

@@ -177,6 +177,13 @@ def finetuned_image_folder(settings: ImageEncoderSettings) -> Path | None:
     if settings.weights:
         raise ModelError("embed.image.weights must be null when embed.image.model is a fine-tuned model folder "
                          f"({folder} holds its weights)", stage="embed")
+    trained = meta.get("preprocessing") or {}  # folders written before it was recorded: not checked
+    differs = {k: (v, getattr(settings, k)) for k, v in trained.items() if getattr(settings, k, v) != v}
+    if differs:
+        raise ModelError(f"embed.image.model: {folder} was trained on photos prepared with "
+                         + ", ".join(f"{k}={v[0]}" for k, v in differs.items()) + "; this config has "
+                         + ", ".join(f"embed.image.{k}={v[1]}" for k, v in differs.items())
+                         + " (use the `set` list prodsim fine-tune printed)", stage="embed")
     return folder
 
 

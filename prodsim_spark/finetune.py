@@ -30,8 +30,8 @@ from pathlib import Path
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from prodsim_spark import encoders
-from prodsim_spark.config import ProdsimConfig
+from prodsim_spark import encoders, training
+from prodsim_spark.config import ImageEncoderSettings, ProdsimConfig
 from prodsim_spark.embed import compose_text
 from prodsim_spark.errors import InputError
 from prodsim_spark.evaluate import directed_pairs
@@ -116,11 +116,15 @@ def missing_ids(modality: str) -> str:
     return "not in the catalog" if modality == "text" else "without a photo in the catalog"
 
 
-def overrides(modality: str, model_dir: str) -> list[str]:
-    """The ``--set`` overrides that make ``prodsim run``/``embed`` use a fine-tuned model folder."""
+def overrides(modality: str, model_dir: str, image: ImageEncoderSettings | None = None) -> list[str]:
+    """The ``--set`` overrides that make ``prodsim run``/``embed`` use a fine-tuned model folder; for an
+    image model also the preprocessing it was trained with (``image``: the embed.image settings of the
+    training), which embedding must repeat."""
     if modality == "text":
         return [f"embed.text.model={model_dir}", "embed.text.revision=null"]
-    return [f"embed.image.model={model_dir}", "embed.image.weights=null", "embed.image.revision=null"]
+    prepared = [f"embed.image.{k}={json.dumps(v, separators=(',', ':'))}"  # no spaces: one shell word each
+                for k, v in training.preprocessing(image).items()] if image else []
+    return [f"embed.image.model={model_dir}", "embed.image.weights=null", "embed.image.revision=null", *prepared]
 
 
 def fine_tune(spark, modality: str, rows: DataFrame, not_found: int, config: ProdsimConfig, model_out: str,
@@ -130,8 +134,6 @@ def fine_tune(spark, modality: str, rows: DataFrame, not_found: int, config: Pro
     that file holds plus ``set`` (the config overrides that use the model)."""
     import torch
     from pyspark.ml.torch.distributor import TorchDistributor
-
-    from prodsim_spark import training
 
     settings = config.finetune
     model_out = str(Path(model_out).resolve())
@@ -175,4 +177,4 @@ def fine_tune(spark, modality: str, rows: DataFrame, not_found: int, config: Pro
               "settings": {k: v for k, v in train_settings.items() if k != "device"}, **figures}
     (Path(model_out) / TRAINING_JSON).write_text(json.dumps(report, indent=2), encoding="utf-8")
     log.info("[fine-tune] loss per epoch %s in %.0f s -> %s", figures["loss_per_epoch"], figures["train_s"], model_out)
-    return {**report, "set": overrides(modality, model_out)}
+    return {**report, "set": overrides(modality, model_out, image if modality == "image" else None)}

@@ -28,6 +28,12 @@ from pathlib import Path
 IMAGE_CONFIG = "config.json"   # in an image model folder: the architecture and head that the weights fit
 IMAGE_WEIGHTS = "model.safetensors"
 IMAGE_FORMAT = "prodsim-image-encoder"
+PREPROCESSING = ("image_size", "crop_pct", "mean", "std")  # embed.image settings a fine-tuned head depends on
+
+
+def preprocessing(image) -> dict:
+    """The embed.image settings that shape the pixels a model sees (see PREPROCESSING)."""
+    return {key: getattr(image, key) for key in PREPROCESSING}
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,7 +369,9 @@ def train_image(records: list[dict], image_settings_json: str, model_out: str, s
                 (folder / IMAGE_CONFIG).write_text(json.dumps({
                     "format": IMAGE_FORMAT, "kind": image.kind, "architecture": image.model,
                     "feature_dim": feature_dim, "projection_dim": settings["projection_dim"],
-                    "mirror_average": settings["mirror_average"]}, indent=2))
+                    "mirror_average": settings["mirror_average"],
+                    # the head learned features of photos prepared this way: embed must prepare them alike
+                    "preprocessing": preprocessing(image)}, indent=2))
 
             _write_atomically(model_out, write)
         if world > 1:

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from prodsim_spark import cli, finetune
 from prodsim_spark.config import load_config
-from prodsim_spark.encoders import ImageEncoder, TextEncoder
+from prodsim_spark.encoders import ImageEncoder, TextEncoder, image_encoder_id
+from prodsim_spark.errors import ModelError
 from prodsim_spark.pipeline import run_ingest
 from prodsim_spark.tables import EMBEDDINGS, RunTables, live_catalog
 from conftest import ROOT
@@ -149,10 +150,16 @@ def test_fine_tune_image_trains_a_projection_that_embed_uses(spark, sample_run, 
                             "--set", "spark.master=local[2]", "--progress", "off")
     assert code == 0
     result = json.loads(printed[printed.index("{"):])
-    assert result["set"] == [f"embed.image.model={model}", "embed.image.weights=null", "embed.image.revision=null"]
+    assert result["set"] == [f"embed.image.model={model}", "embed.image.weights=null", "embed.image.revision=null",
+                             "embed.image.image_size=224", "embed.image.crop_pct=0.875",
+                             "embed.image.mean=[0.5,0.5,0.5]", "embed.image.std=[0.5,0.5,0.5]"]
     assert result["photos"] > 200 and result["groups"] > 10 and len(result["loss_per_epoch"]) == 2
     meta = json.loads((model / "config.json").read_text())
     assert meta["architecture"] == "tf_efficientnet_lite0" and meta["projection_dim"] == 64
+    # the head learned 224 px crops: embedding it at another size is refused before any task runs
+    assert meta["preprocessing"]["image_size"] == 224
+    with pytest.raises(ModelError, match=r"prepared with image_size=224; this config has embed.image.image_size=288"):
+        image_encoder_id(load_config(overrides=result["set"] + ["embed.image.image_size=288"]).embed.image)
 
     encoder = ImageEncoder(load_config(overrides=result["set"]).embed.image, "cpu")
     image = str(ROOT / "data" / "sample" / "images" / "G000.jpg")
@@ -181,9 +188,6 @@ def test_fine_tune_reports_a_missing_labels_file_before_spark(tmp_path, capsys):
 
 
 def test_an_image_model_folder_that_is_not_a_fine_tuned_one_is_a_clear_error(tmp_path):
-    from prodsim_spark.encoders import image_encoder_id
-    from prodsim_spark.errors import ModelError
-
     settings = load_config(overrides=[f"embed.image.model={tmp_path}", "embed.image.weights=null"]).embed.image
     with pytest.raises(ModelError, match="not a model folder written by prodsim fine-tune"):
         image_encoder_id(settings)
