@@ -218,16 +218,21 @@ def encode(plan: EmbedPlan, settings: EmbedSettings, threads: int | None) -> Dat
     rows = plan.rows
     # a small catalog is often one file, so one partition: spread the work over every core
     spread = rows.sparkSession.sparkContext.defaultParallelism
+    # each distinct text and image URI is encoded once and its vector joined back by hash: copies (one
+    # title on many listings, one stock photo's URI on many sellers' offers) cost one encoding and
+    # get the same vector, where rows encoded in different batches would differ in the last bits
     if plan.text_encoder:
-        text = (rows.where("need_text AND text IS NOT NULL").repartition(spread)
-                .select("product_id", text_embedding_udf(settings, threads)("text").alias("new_text_embedding")))
-        rows = rows.join(text, "product_id", "left")
+        text = (rows.where("need_text AND text IS NOT NULL").select("text_hash", "text")
+                .dropDuplicates(["text_hash"]).repartition(spread)
+                .select("text_hash", text_embedding_udf(settings, threads)("text").alias("new_text_embedding")))
+        rows = rows.join(text, "text_hash", "left")
     else:
         rows = rows.withColumn("new_text_embedding", F.lit(None).cast(VECTOR))
     if plan.image_encoder:
-        image = (rows.where("need_image AND image_uri IS NOT NULL").repartition(spread)
-                 .select("product_id", image_embedding_udf(settings, threads)("image_uri").alias("img")))
-        rows = rows.join(image, "product_id", "left")
+        image = (rows.where("need_image AND image_uri IS NOT NULL").select("image_hash", "image_uri")
+                 .dropDuplicates(["image_hash"]).repartition(spread)
+                 .select("image_hash", image_embedding_udf(settings, threads)("image_uri").alias("img")))
+        rows = rows.join(image, "image_hash", "left")
     else:
         rows = rows.withColumn("img", F.lit(None).cast(IMAGE_RESULT))
     now = F.current_timestamp()

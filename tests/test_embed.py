@@ -82,6 +82,33 @@ def test_incremental_runs_encode_only_what_changed(spark, tmp_path):
     assert (fourth["text_encoded"], fourth["image_encoded"]) == (4, 0)
 
 
+def test_copies_of_a_text_or_an_image_get_one_vector(spark, tmp_path):
+    # a marketplace has many listings titled alike and many offers of one stock photo's URI: each
+    # distinct text and URI is encoded once, so copies get the same vector bit for bit, not vectors
+    # that differ in their last bits with whatever shared their batch (batches of 4 rows here)
+    images = tmp_path / "img"
+    images.mkdir()
+    for name in ("G006", "G000", "G001"):
+        shutil.copy(ROOT / f"data/sample/images/{name}.jpg", images / f"{name}.jpg")
+    rows = []
+    for i in range(24):
+        if i % 3 == 0:
+            rows.append(dict(product_id=f"C{i:02d}", title="Juice", image_uri="img/G006.jpg"))
+        else:
+            rows.append(dict(product_id=f"P{i:02d}", title=f"Orange juice, {'fresh ' * i}pressed",
+                             image_uri=f"img/{('G000', 'G001')[i % 2]}.jpg"))
+    catalog, out = tmp_path / "cat.csv", tmp_path / "out"
+    write_catalog(catalog, rows)
+    counts, _ = run(spark, catalog, out)
+    assert (counts["text_encoded"], counts["image_encoded"]) == (24, 24)  # products given a fresh vector
+    got = vectors(spark, out)
+    copies = [got[r["product_id"]] for r in rows if r["product_id"].startswith("C")]
+    assert len(copies) == 8
+    for kind in ("text_embedding", "image_embedding"):
+        assert all(c[kind] == copies[0][kind] for c in copies), kind
+    assert got["P01"]["text_embedding"] != copies[0]["text_embedding"]
+
+
 def test_removed_products_can_be_flagged(spark, tmp_path):
     catalog, out = tmp_path / "cat.csv", tmp_path / "out"
     write_catalog(catalog, [dict(product_id="A", title="red shoe"), dict(product_id="B", title="blue shoe")])
