@@ -223,14 +223,14 @@ def encode(plan: EmbedPlan, settings: EmbedSettings, threads: int | None) -> Dat
     # get the same vector, where rows encoded in different batches would differ in the last bits
     if plan.text_encoder:
         text = (rows.where("need_text AND text IS NOT NULL").select("text_hash", "text")
-                .dropDuplicates(["text_hash"]).repartition(spread)
+                .repartition(spread, "text_hash").dropDuplicates(["text_hash"])  # one shuffle serves both
                 .select("text_hash", text_embedding_udf(settings, threads)("text").alias("new_text_embedding")))
         rows = rows.join(text, "text_hash", "left")
     else:
         rows = rows.withColumn("new_text_embedding", F.lit(None).cast(VECTOR))
     if plan.image_encoder:
         image = (rows.where("need_image AND image_uri IS NOT NULL").select("image_hash", "image_uri")
-                 .dropDuplicates(["image_hash"]).repartition(spread)
+                 .repartition(spread, "image_hash").dropDuplicates(["image_hash"])
                  .select("image_hash", image_embedding_udf(settings, threads)("image_uri").alias("img")))
         rows = rows.join(image, "image_hash", "left")
     else:
