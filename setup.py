@@ -43,7 +43,7 @@ setup(
     ],
     extras_require={
         "bench": ["scikit-learn>=1.3"],  # the TF-IDF baseline of prodsim bench quality
-        "test": ["pytest>=8", "sentence-transformers>=3", "scikit-learn>=1.3"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "sentence-transformers>=3", "scikit-learn>=1.3"],
     },
     entry_points={"console_scripts": ["prodsim=prodsim_spark.cli:main"]},
 )

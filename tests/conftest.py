@@ -1,4 +1,4 @@
-"""One real local Spark session with Delta Lake for the whole test run."""
+"""One real local Spark session with Delta Lake per test worker (two workers: pytest.ini)."""
 from __future__ import annotations
 
 import os
@@ -11,6 +11,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_CATALOG = ROOT / "data" / "sample" / "catalog.csv"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+
+
+def pytest_collection_modifyitems(items):
+    """The suite runs on two pytest-xdist workers (pytest.ini), each with its own Spark session. The
+    tests that read the shared sample run go to one worker together, so the run is made once."""
+    for item in items:
+        if "sample_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("sample_run"))
 
 
 @pytest.fixture(scope="session")
