@@ -170,7 +170,7 @@ def train_text(records: list[dict], base_folder: str, model_out: str, settings: 
             torch.set_num_threads(max(1, settings["threads"] // world))
         local = Path(base_folder).exists()
         tokenizer = AutoTokenizer.from_pretrained(base_folder, local_files_only=local)
-        dropout = ({} if settings.get("attention_dropout") is None
+        dropout = ({} if settings["attention_dropout"] is None
                    else {"attention_probs_dropout_prob": settings["attention_dropout"]})
         model = AutoModel.from_pretrained(base_folder, local_files_only=local, **dropout).to(device)
         if settings["method"] == "lora":
