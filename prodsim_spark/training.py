@@ -145,6 +145,22 @@ def _write_atomically(model_out: str, write) -> None:
 # text
 
 
+# where model families keep the dropout on their attention weights: BERT, RoBERTa, XLM-R, MPNet, ELECTRA
+# (MiniLM and most sentence encoders, multilingual ones included); DistilBERT, BART
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
+
+
+def set_attention_dropout(config, value) -> list[str]:
+    """Set the attention dropout of a transformers ``config`` to ``value`` (None: leave the model's own);
+    returns the keys it set, none for a family that keeps it under another name."""
+    if value is None:
+        return []
+    keys = [key for key in ATTENTION_DROPOUT_KEYS if hasattr(config, key)]
+    for key in keys:
+        setattr(config, key, float(value))
+    return keys
+
+
 def _lora(model, settings: dict):
     from peft import LoraConfig, get_peft_model
 
@@ -161,7 +177,7 @@ def train_text(records: list[dict], base_folder: str, model_out: str, settings: 
     anchor against the B positives and the anchors' hard negatives, plus of each positive against the B
     anchors and the positives' hard negatives. Returns the training figures (from rank 0)."""
     import torch
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     cuda = torch.cuda.is_available() and settings["device"] != "cpu"
     with _process_group(cuda) as (rank, world, device):
@@ -170,9 +186,12 @@ def train_text(records: list[dict], base_folder: str, model_out: str, settings: 
             torch.set_num_threads(max(1, settings["threads"] // world))
         local = Path(base_folder).exists()
         tokenizer = AutoTokenizer.from_pretrained(base_folder, local_files_only=local)
-        dropout = ({} if settings["attention_dropout"] is None
-                   else {"attention_probs_dropout_prob": settings["attention_dropout"]})
-        model = AutoModel.from_pretrained(base_folder, local_files_only=local, **dropout).to(device)
+        config = AutoConfig.from_pretrained(base_folder, local_files_only=local)
+        dropout_keys = set_attention_dropout(config, settings["attention_dropout"])
+        if settings["attention_dropout"] is not None and not dropout_keys and rank == 0:
+            print(f"[fine-tune] finetune.text.attention_dropout not applied: {type(config).__name__} has none "
+                  f"of {ATTENTION_DROPOUT_KEYS}; the model's own attention dropout is used", flush=True)
+        model = AutoModel.from_pretrained(base_folder, config=config, local_files_only=local).to(device)
         if settings["method"] == "lora":
             model = _lora(model, settings)
         model.train()

@@ -89,6 +89,22 @@ def test_mixed_precision_trains_text_in_bf16_on_a_cpu_with_native_bf16_and_image
     assert product_dtype(training._autocast(False, {"mixed_precision": True}, on_cpu=False)) == torch.float32
 
 
+def test_attention_dropout_is_set_where_the_model_family_keeps_it_and_nowhere_else():
+    from transformers import BertConfig, DistilBertConfig, T5Config, XLMRobertaConfig
+
+    from prodsim_spark.training import set_attention_dropout
+
+    bert, multilingual, distil, t5 = BertConfig(), XLMRobertaConfig(), DistilBertConfig(), T5Config()
+    assert set_attention_dropout(bert, 0) == ["attention_probs_dropout_prob"] and bert.attention_probs_dropout_prob == 0
+    assert set_attention_dropout(multilingual, 0.05) == ["attention_probs_dropout_prob"]
+    assert multilingual.attention_probs_dropout_prob == 0.05
+    assert set_attention_dropout(distil, 0) == ["attention_dropout"] and distil.attention_dropout == 0
+    # a family without such a key is left as it is (train_text says so), not handed an unknown argument
+    assert set_attention_dropout(t5, 0) == [] and t5.to_dict() == T5Config().to_dict()
+    untouched = BertConfig()
+    assert set_attention_dropout(untouched, None) == [] and untouched.attention_probs_dropout_prob == 0.1
+
+
 def test_fine_tune_text_writes_a_model_folder_that_embed_uses(spark, sample_run, text_model, tmp_path):
     model, result = text_model
     assert result["model_dir"] == str(model) and result["modality"] == "text"
