@@ -428,11 +428,12 @@ class TextFineTuneSettings(_Section):
     """A seeded sample of this many directed pairs when the labels give more (groups make n^2 pairs)."""
     lora_rank: int = Field(default=16, ge=1)
     lora_alpha: float = Field(default=32.0, gt=0)
-    attention_dropout: Optional[float] = Field(default=None, ge=0, lt=1)
-    """Dropout on the attention weights while training (the config key ``attention_probs_dropout_prob``
-    of BERT-family models, MiniLM's included); None: the base model's own (0.1 for MiniLM). 0 lets
-    PyTorch's fused CPU attention run, about 1.5x faster per step with less memory
-    (docs/benchmarks.md); it changes the regularisation."""
+    attention_dropout: Optional[float] = Field(default=0.0, ge=0, lt=1)
+    """Dropout on the attention weights while training (``training.ATTENTION_DROPOUT_KEYS``: BERT-family
+    models, MiniLM and XLM-R included, and DistilBERT; a family without such a key keeps its own, and
+    the training says so); None: the base model's own (0.1 for MiniLM). 0, the default, lets PyTorch's
+    fused CPU attention run: about 1.5x faster per step with less memory, and the same R@1 on
+    Amazon-Google in both folds (docs/benchmarks.md, 2026-12-07)."""
 
 
 class ImageFineTuneSettings(_Section):

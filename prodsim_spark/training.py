@@ -145,6 +145,30 @@ def _write_atomically(model_out: str, write) -> None:
 # text
 
 
+# Texts per forward pass in CPU training. A batch is padded to its longest text, and on a CPU a padded
+# token costs what a real one does: the step's texts go through in chunks of similar length instead
+# (Amazon-Google's texts: 27% fewer tokens than one padded batch of 64). The vectors, and so the loss,
+# are the same. On a GPU one padded batch is faster than several small ones.
+CPU_LENGTH_CHUNK = 16
+
+
+def length_chunks(lengths: list[int], size: int | None) -> list[list[int]]:
+    """Indexes of ``lengths`` longest first, cut into chunks of ``size`` (None: one chunk, in order)."""
+    if size is None:
+        return [list(range(len(lengths)))]
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[start:start + size] for start in range(0, len(order), size)]
+
+
+def original_order(chunks: list[list[int]]) -> list[int]:
+    """Where each original index sits in the chunks laid end to end (to put the rows back in order)."""
+    flat = [i for rows in chunks for i in rows]
+    position = [0] * len(flat)
+    for at, i in enumerate(flat):
+        position[i] = at
+    return position
+
+
 # where model families keep the dropout on their attention weights: BERT, RoBERTa, XLM-R, MPNet, ELECTRA
 # (MiniLM and most sentence encoders, multilingual ones included); DistilBERT, BART
 ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
@@ -203,13 +227,19 @@ def train_text(records: list[dict], base_folder: str, model_out: str, settings: 
         scale = 1.0 / settings["temperature"]
         autocast = _autocast(cuda, settings)
 
+        chunk = None if cuda else CPU_LENGTH_CHUNK
+
         def embed(texts: list[str]):
-            batch = tokenizer(texts, padding=True, truncation=True, max_length=settings["max_tokens"],
-                              return_tensors="pt").to(device)
-            with autocast:
-                hidden = trained(**batch).last_hidden_state.float()  # pooled in float32, as embedding does
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # the text encoder's pooling
+            encoded = tokenizer(texts, truncation=True, max_length=settings["max_tokens"])
+            order, parts = length_chunks([len(ids) for ids in encoded["input_ids"]], chunk), []
+            for rows in order:
+                batch = tokenizer.pad({k: [v[i] for i in rows] for k, v in encoded.items()},
+                                      return_tensors="pt").to(device)
+                with autocast:
+                    hidden = trained(**batch).last_hidden_state.float()  # pooled in float32, as embedding does
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                parts.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9))  # the text encoder's pooling
+            pooled = torch.cat(parts)[torch.as_tensor(original_order(order), device=device)]
             return torch.nn.functional.normalize(pooled, dim=1)
 
         losses, seen, started = [], 0, time.perf_counter()

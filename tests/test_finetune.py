@@ -105,6 +105,18 @@ def test_attention_dropout_is_set_where_the_model_family_keeps_it_and_nowhere_el
     assert set_attention_dropout(untouched, None) == [] and untouched.attention_probs_dropout_prob == 0.1
 
 
+def test_cpu_training_forwards_texts_in_chunks_of_similar_length_and_puts_them_back_in_order():
+    from prodsim_spark.training import length_chunks, original_order
+
+    lengths = [12, 40, 7, 40, 25, 3, 18]
+    chunks = length_chunks(lengths, 3)
+    assert [len(c) for c in chunks] == [3, 3, 1] and sorted(i for c in chunks for i in c) == list(range(7))
+    assert [[lengths[i] for i in c] for c in chunks] == [[40, 40, 25], [18, 12, 7], [3]]  # longest first
+    flat = [i for c in chunks for i in c]
+    assert [flat[at] for at in original_order(chunks)] == list(range(7))  # every row back in its place
+    assert length_chunks(lengths, None) == [list(range(7))]  # a GPU: one batch, as it came
+
+
 def test_fine_tune_text_writes_a_model_folder_that_embed_uses(spark, sample_run, text_model, tmp_path):
     model, result = text_model
     assert result["model_dir"] == str(model) and result["modality"] == "text"
