@@ -210,6 +210,15 @@ def image_encoder_id(settings: ImageEncoderSettings) -> str:
 # text
 
 
+def length_chunks(lengths: Sequence[int], size: int | None) -> list[list[int]]:
+    """Indexes of ``lengths`` longest first, cut into chunks of ``size`` (None: one chunk, in order):
+    texts batched with others of similar length need less padding."""
+    if size is None:
+        return [list(range(len(lengths)))]
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[start:start + size] for start in range(0, len(order), size)]
+
+
 class TextEncoder:
     """Hugging Face encoder, mean pooling over the attention mask, L2-normalised (sentence-transformers' recipe)."""
 
@@ -254,12 +263,9 @@ class TextEncoder:
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         enc = self.tokenizer(list(texts), truncation=True, max_length=self.settings.max_tokens)
-        lengths = np.array([len(ids) for ids in enc["input_ids"]])
-        order = np.argsort(-lengths, kind="stable")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
+            for idx in length_chunks([len(ids) for ids in enc["input_ids"]], batch_size):
                 rows = {k: [enc[k][i] for i in idx] for k in enc.keys()}
                 if self._onnx is not None:
                     batch = self.tokenizer.pad(rows, return_tensors="np")

@@ -153,14 +153,6 @@ def _write_atomically(model_out: str, write) -> None:
 CPU_LENGTH_CHUNK = 16
 
 
-def length_chunks(lengths: list[int], size: int | None) -> list[list[int]]:
-    """Indexes of ``lengths`` longest first, cut into chunks of ``size`` (None: one chunk, in order)."""
-    if size is None:
-        return [list(range(len(lengths)))]
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[start:start + size] for start in range(0, len(order), size)]
-
-
 def original_order(chunks: list[list[int]]) -> list[int]:
     """Where each original index sits in the chunks laid end to end (to put the rows back in order)."""
     flat = [i for rows in chunks for i in rows]
@@ -204,6 +196,8 @@ def train_text(records: list[dict], base_folder: str, model_out: str, settings: 
     import torch
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    from prodsim_spark import encoders
+
     cuda = torch.cuda.is_available() and settings["device"] != "cpu"
     with _process_group(cuda) as (rank, world, device):
         _seed(settings["seed"])
@@ -232,7 +226,7 @@ def train_text(records: list[dict], base_folder: str, model_out: str, settings: 
 
         def embed(texts: list[str]):
             encoded = tokenizer(texts, truncation=True, max_length=settings["max_tokens"])
-            order, parts = length_chunks([len(ids) for ids in encoded["input_ids"]], chunk), []
+            order, parts = encoders.length_chunks([len(ids) for ids in encoded["input_ids"]], chunk), []
             for rows in order:
                 batch = tokenizer.pad({k: [v[i] for i in rows] for k, v in encoded.items()},
                                       return_tensors="pt").to(device)

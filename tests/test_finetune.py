@@ -106,7 +106,8 @@ def test_attention_dropout_is_set_where_the_model_family_keeps_it_and_nowhere_el
 
 
 def test_cpu_training_forwards_texts_in_chunks_of_similar_length_and_puts_them_back_in_order():
-    from prodsim_spark.training import length_chunks, original_order
+    from prodsim_spark.encoders import length_chunks
+    from prodsim_spark.training import original_order
 
     lengths = [12, 40, 7, 40, 25, 3, 18]
     chunks = length_chunks(lengths, 3)
