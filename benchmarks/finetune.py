@@ -27,7 +27,7 @@ from pyspark.sql import functions as F
 from prodsim_spark import evaluate, finetune, groups, io, join, weights
 from prodsim_spark.config import FusionWeights, ProdsimConfig, with_overrides
 from prodsim_spark.pipeline import run_products
-from prodsim_spark.tables import CATALOG, NEIGHBOURS
+from prodsim_spark.tables import CATALOG, EMBEDDINGS, NEIGHBOURS
 
 from benchmarks import baselines, datasets
 
@@ -146,9 +146,13 @@ def bench_grocery(spark, config: ProdsimConfig, data: Path, work: Path, modaliti
         if modality == "text":
             rows, not_found = finetune.text_training_rows(catalog, io.read_pairs(spark, str(train_groups)), neighbours,
                                                           config)
+            bridge_texts = None
         else:
-            rows, not_found = finetune.image_training_rows(catalog, io.read_groups(spark, str(train_groups)))
-        report = finetune.fine_tune(spark, modality, rows, not_found, config, str(work / "models" / modality))
+            labelled = io.read_groups(spark, str(train_groups))
+            rows, not_found = finetune.image_training_rows(catalog, labelled)
+            bridge_texts = finetune.bridge_rows(pretrained.read(spark, EMBEDDINGS), labelled)
+        report = finetune.fine_tune(spark, modality, rows, not_found, config, str(work / "models" / modality),
+                                    bridge_texts=bridge_texts)
         trainings[modality] = _training(report)
         overrides += report["set"]
     tuned_config = with_overrides(config, overrides)

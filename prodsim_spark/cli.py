@@ -712,7 +712,7 @@ def cmd_fine_tune(args: argparse.Namespace) -> int:
     from prodsim_spark import finetune, groups, io
     from prodsim_spark.progress import stage
     from prodsim_spark.session import get_session
-    from prodsim_spark.tables import CATALOG, NEIGHBOURS, RunTables
+    from prodsim_spark.tables import CATALOG, EMBEDDINGS, NEIGHBOURS, RunTables
 
     config = _config_from(args)
     labels = args.pairs or args.groups
@@ -723,6 +723,7 @@ def cmd_fine_tune(args: argparse.Namespace) -> int:
     spark = get_session(config.spark)
     tables.require(spark, CATALOG)
     catalog = tables.read(spark, CATALOG)
+    bridge_texts = None
     with stage(spark, "fine-tune", f"{args.modality} encoder on {labels} -> {args.model_out}"):
         if args.modality == "text":
             neighbours = tables.read(spark, NEIGHBOURS) if tables.exists(spark, NEIGHBOURS) else None
@@ -731,7 +732,10 @@ def cmd_fine_tune(args: argparse.Namespace) -> int:
             groups = (io.read_groups(spark, args.groups) if args.groups
                       else groups.label_groups(io.read_pairs(spark, args.pairs)))
             rows, not_found = finetune.image_training_rows(catalog, groups)
-        result = finetune.fine_tune(spark, args.modality, rows, not_found, config, args.model_out, args.base)
+            if config.finetune.image.text_bridge and tables.exists(spark, EMBEDDINGS):
+                bridge_texts = finetune.bridge_rows(tables.read(spark, EMBEDDINGS), groups)
+        result = finetune.fine_tune(spark, args.modality, rows, not_found, config, args.model_out, args.base,
+                                    bridge_texts=bridge_texts)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -290,6 +290,12 @@ class JoinSettings(_Section):
     products) is pulled down in every list, a distinct one pulled up; the score scale is kept on
     average. Costs a join of 2k neighbours (a second ranking pass on Spark). 0: off. Not with
     ``incremental`` (the correction ties every list to its candidates' lists). README "Hub correction"."""
+    image_from_text: bool = True
+    """When ``embed.image.model`` is a fine-tuned folder with a text bridge (``finetune.image.text_bridge``),
+    a product with text and no usable photo is given the image vector that the bridge predicts from its
+    text vector, for the join, groups and search (the embeddings table keeps no such vector). Its
+    ``image`` part is then a text-to-photo score. Used only while the run's text encoder is the one the
+    bridge was fitted on (else the join says so and goes on without). false: no bridging."""
     incremental: bool = False
     """true: a re-run over the previous run's cells rescores only the products whose list can change
     (prodsim_spark/incremental.py); its lists equal a full join's over those cells. At 400k products
@@ -459,6 +465,16 @@ class ImageFineTuneSettings(_Section):
     facing the other way gets the same vector. Twice the image encoding time of the model. Grocery
     (docs/benchmarks.md): photo-to-photo R@1 +0.02, listings' image alone +0.007 R@1 / +0.009 P@10, the
     fused ranking no better (-0.007 R@1), hence off by default: for photo-only search."""
+    text_bridge: bool = True
+    """True: after the head, fit a linear map (ridge regression) from the run's text vectors of the
+    labelled listings to the mean tuned image vector of their group, and write it into the model
+    folder. The join then gives a listing without a photo the image vector its text predicts
+    (``join.image_from_text``), so a text-only listing can meet photo-only listings of its product.
+    It maps texts like the labelled ones (the catalog's known products) well and is unproven on
+    products the labels never named (docs/benchmarks.md). Costs a second: one linear solve."""
+    text_bridge_ridge: float = Field(default=0.01, gt=0)
+    """The ridge penalty of that map (on unit text vectors). Smaller: closer fit to the labelled
+    groups; larger: a smoother map, nearer the mean image vector (grocery: 0.01 best of 0.01-1)."""
 
 
 class FineTuneSettings(_Section):

@@ -11,7 +11,9 @@ itself fixes what it can see. Two steps, "make the data" apart from "run the tra
    the true match (same-line siblings, other editions: what the current encoder confuses), or, where
    the match is first, its nearest rivals below it.
    :func:`image_training_rows` turns groups (or pairs, by their connected components) into
-   (image URI, group) rows of products that have an image.
+   (image URI, group) rows of products that have an image; :func:`bridge_rows` gives the run's text
+   vectors of labelled products, for the text bridge fitted after the image head
+   (:mod:`prodsim_spark.bridge`).
 2. :func:`fine_tune` runs :func:`prodsim_spark.training.train_text` / ``train_image`` through
    ``pyspark.ml.torch.distributor.TorchDistributor`` (``finetune.num_processes`` processes: local mode
    here, one per GPU on a cluster) and writes ``training.json`` beside the model. The folder is a
@@ -35,7 +37,7 @@ from prodsim_spark.config import ImageEncoderSettings, ProdsimConfig
 from prodsim_spark.embed import compose_text
 from prodsim_spark.errors import InputError
 from prodsim_spark.evaluate import directed_pairs
-from prodsim_spark.tables import live_catalog
+from prodsim_spark.tables import live_catalog, live_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,19 @@ def image_training_rows(catalog: DataFrame, groups: DataFrame) -> tuple[DataFram
     return rows.join(sizes, "group").select("product_id", "uri", "group").orderBy("product_id"), not_found
 
 
+def bridge_rows(embeddings: DataFrame, groups: DataFrame) -> tuple[DataFrame, str | None]:
+    """(rows, text encoder id): rows ``product_id, vector, group`` of the labelled products with a live
+    text vector in the run's embeddings (photo or not: the bridge maps every kind of text), and the id
+    of the text encoder that made those vectors (several joined by '|', which no config matches)."""
+    labelled = groups.select(F.trim("product_id").alias("product_id"), F.trim(F.col("group").cast("string")).alias("group")) \
+        .where("product_id IS NOT NULL AND group IS NOT NULL").dropDuplicates(["product_id"])
+    texts = live_embeddings(embeddings).where(F.col("text_embedding").isNotNull()) \
+        .select("product_id", F.col("text_embedding").alias("vector"), "text_encoder")
+    rows = labelled.join(texts, "product_id").persist()
+    encoder = rows.agg(F.array_sort(F.collect_set("text_encoder")).alias("ids")).first()["ids"]
+    return rows.select("product_id", "vector", "group").orderBy("product_id"), ("|".join(encoder) or None)
+
+
 def missing_ids(modality: str) -> str:
     """What ``ids_not_found`` counts, in words: labelled ids the training could not use."""
     return "not in the catalog" if modality == "text" else "without a photo in the catalog"
@@ -128,10 +143,11 @@ def overrides(modality: str, model_dir: str, image: ImageEncoderSettings | None 
 
 
 def fine_tune(spark, modality: str, rows: DataFrame, not_found: int, config: ProdsimConfig, model_out: str,
-              base: str | None = None) -> dict:
+              base: str | None = None, bridge_texts: tuple[DataFrame, str | None] | None = None) -> dict:
     """Train on ``rows`` (from :func:`text_training_rows` / :func:`image_training_rows`) through
     TorchDistributor, write the model folder ``model_out`` with its ``training.json``, and return what
-    that file holds plus ``set`` (the config overrides that use the model)."""
+    that file holds plus ``set`` (the config overrides that use the model). ``bridge_texts`` (image
+    only; from :func:`bridge_rows`): fit the text bridge too, when ``finetune.image.text_bridge``."""
     import torch
     from pyspark.ml.torch.distributor import TorchDistributor
 
@@ -161,9 +177,14 @@ def fine_tune(spark, modality: str, rows: DataFrame, not_found: int, config: Pro
         image = config.embed.image if base is None else config.embed.image.model_copy(update={"model": base})
         base = f"{image.kind}:{image.model}" + (f" ({image.weights})" if image.weights else "")
         fingerprint = encoders.image_encoder_id(image)  # also checks the model and weights exist
-        train_settings = {**settings.image.model_dump(), **common}
-        function, args = training.train_image, (records, image.model_dump_json(), model_out, train_settings)
-        data = {"photos": len(records), "groups": len({r["group"] for r in records})}
+        texts, text_encoder = None, None
+        if bridge_texts is not None and settings.image.text_bridge:
+            texts = [{"vector": [float(v) for v in r["vector"]], "group": r["group"]} for r in bridge_texts[0].collect()]
+            text_encoder = bridge_texts[1]
+        train_settings = {**settings.image.model_dump(), **common, "text_encoder": text_encoder}
+        function, args = training.train_image, (records, image.model_dump_json(), model_out, train_settings, texts)
+        data = {"photos": len(records), "groups": len({r["group"] for r in records}),
+                "bridge_texts": len(texts or [])}
     log.info("[fine-tune] %s: %s (%d labelled ids %s), %d process(es) on %s", modality, data, not_found,
              missing_ids(modality),
              settings.num_processes, common["device"])

@@ -76,7 +76,9 @@ def routing_settings(config: ProdsimConfig) -> dict:
     """The join settings that decide which products meet and how lists are cut: an incremental re-run
     over these cells needs them unchanged."""
     j = config.join
-    return {"k": j.k, "spill": j.spill, "category_mode": j.category_mode, "same_source_penalty": j.same_source_penalty}
+    settings = {"k": j.k, "spill": j.spill, "category_mode": j.category_mode, "same_source_penalty": j.same_source_penalty}
+    # only when off, so that indexes written before the setting existed (on by default) still match
+    return settings if j.image_from_text else {**settings, "image_from_text": False}
 
 
 def build_index(centroids: np.ndarray, idf: np.ndarray | None, dims: dict[str, int], config: ProdsimConfig,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from prodsim_spark import embed, encoders, index, ingest, io, join, lexical
+from prodsim_spark import bridge, embed, encoders, index, ingest, io, join, lexical
 from prodsim_spark.config import ProdsimConfig
 from prodsim_spark.progress import stage
 from prodsim_spark.tables import CATALOG, EMBEDDINGS, GROUPS, INDEX, INDEX_MEMBERS, NEIGHBOURS, SEARCH, RunTables, \
@@ -103,10 +103,18 @@ def join_products(catalog: DataFrame, embeddings: DataFrame, config: ProdsimConf
                   idf=None) -> DataFrame:
     """The join's input, persisted: catalog attributes and embeddings, plus the lexical channel when
     ``with_lexical`` and ``lexical.enabled`` (recomputed from the catalog: its IDF depends on all of it;
-    ``idf``: weights already fitted, e.g. the index's)."""
+    ``idf``: weights already fitted, e.g. the index's). With a text bridge in the fine-tuned image
+    model (``join.image_from_text``), a product without a photo carries the image vector its text
+    predicts (:mod:`prodsim_spark.bridge`)."""
     lexical_vectors = (lexical.lexical_vectors(live_catalog(catalog), config.lexical, idf)
                        if with_lexical and config.lexical.enabled else None)
-    return join.join_inputs(catalog, embeddings, lexical_vectors).persist()
+    products = join.join_inputs(catalog, embeddings, lexical_vectors)
+    text_bridge = bridge.load(config)
+    if text_bridge is not None:
+        log.info("[join] products without a photo get an image vector from their text (the text bridge of %s)",
+                 text_bridge.folder)
+        products = bridge.image_from_text(products, text_bridge)
+    return products.persist()
 
 
 def run_products(spark: SparkSession, output: str, config: ProdsimConfig) -> DataFrame:

@@ -309,11 +309,15 @@ def split_backbone(backbone, trainable_blocks: int):
     return frozen, torch.nn.Sequential(*tail)
 
 
-def train_image(records: list[dict], image_settings_json: str, model_out: str, settings: dict) -> dict:
+def train_image(records: list[dict], image_settings_json: str, model_out: str, settings: dict,
+                texts: list[dict] | None = None) -> dict:
     """Metric learning on grouped photos: records ``{"uri", "group"}``; the backbone named by the embed
     image settings (its weights as configured), the last ``trainable_blocks`` blocks and a projection
     head trained with a supervised contrastive loss (every other view of a photo of the same group is a
-    positive, every other photo a negative). Returns the training figures (from rank 0)."""
+    positive, every other photo a negative). ``texts`` (``{"vector", "group"}``: the run's text vectors
+    of labelled listings), when given: the text bridge (:mod:`prodsim_spark.bridge`) is fitted to the
+    trained head's mean vector of each group's views and saved beside it, for text vectors of
+    ``settings["text_encoder"]``. Returns the training figures (from rank 0)."""
     import torch
     from safetensors.torch import save_model
     from torchvision import transforms as T
@@ -406,18 +410,41 @@ def train_image(records: list[dict], image_settings_json: str, model_out: str, s
             if rank == 0 and ((epoch + 1) % 5 == 0 or epoch + 1 == settings["epochs"]):
                 print(f"[fine-tune] image epoch {epoch + 1}/{settings['epochs']}: loss {losses[-1]:.4f}", flush=True)
         elapsed = time.perf_counter() - started
+        bridge_meta, bridge_weight = None, None
+        if rank == 0 and texts:
+            import numpy as np
+
+            from prodsim_spark import bridge
+
+            # each group's image vector: the mean of its views through the trained head (the head's
+            # vectors of the augmented views stand for the photos' embeddings)
+            model.eval()
+            with torch.inference_mode():
+                z = torch.cat([model(data[i:i + 512].to(device)).float().cpu() for i in range(0, len(data), 512)])
+            means = bridge.prototypes(z.numpy(), targets.numpy())
+            by_code = {g: means[i] for g, i in codes.items() if i in means}
+            bridge_weight, fit = bridge.fit(np.stack([np.asarray(t["vector"], dtype=np.float32) for t in texts]),
+                                            [t["group"] for t in texts], by_code, settings["text_bridge_ridge"])
+            bridge_meta = {"file": bridge.BRIDGE_WEIGHTS, "text_encoder": settings["text_encoder"],
+                           "text_dim": int(bridge_weight.shape[0] - 1), "ridge": settings["text_bridge_ridge"], **fit}
+            print(f"[fine-tune] image: text bridge fitted on {fit['listings']} listings with text in "
+                  f"{fit['groups']} groups (mean cosine to their group {fit['fit_cosine']:.3f})", flush=True)
         if rank == 0:
             final = projected_model(backbone.cpu(), feature_dim, settings["projection_dim"])
             final.head.load_state_dict(head.cpu().state_dict())
 
             def write(folder: Path) -> None:
                 save_model(final, str(folder / IMAGE_WEIGHTS))
+                if bridge_meta:
+                    from safetensors.numpy import save_file
+                    save_file({"weight": bridge_weight}, str(folder / bridge_meta["file"]))
                 (folder / IMAGE_CONFIG).write_text(json.dumps({
                     "format": IMAGE_FORMAT, "kind": image.kind, "architecture": image.model,
                     "feature_dim": feature_dim, "projection_dim": settings["projection_dim"],
                     "mirror_average": settings["mirror_average"],
                     # the head learned features of photos prepared this way: embed must prepare them alike
-                    "preprocessing": preprocessing(image)}, indent=2))
+                    "preprocessing": preprocessing(image),
+                    **({"text_bridge": bridge_meta} if bridge_meta else {})}, indent=2))
 
             _write_atomically(model_out, write)
         if world > 1:
@@ -426,4 +453,5 @@ def train_image(records: list[dict], image_settings_json: str, model_out: str, s
             "photos": len(photos), "unreadable": unreadable, "groups": len(codes),
             "images_per_s": round(seen * world / max(elapsed, 1e-9), 2),
             "steps": per_epoch * settings["epochs"], "processes": world, "device": "cuda" if cuda else "cpu",
-            "trainable_parameters": sum(p.numel() for p in head.parameters()) + sum(p.numel() for p in trained_params)}
+            "trainable_parameters": sum(p.numel() for p in head.parameters()) + sum(p.numel() for p in trained_params),
+            "text_bridge": bridge_meta}

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from prodsim_spark import cli, finetune
+from prodsim_spark import bridge, cli, finetune
 from prodsim_spark.config import load_config
 from prodsim_spark.encoders import ImageEncoder, TextEncoder, image_encoder_id
 from prodsim_spark.errors import ModelError
-from prodsim_spark.pipeline import run_ingest
+from prodsim_spark.pipeline import join_products, run_ingest
 from prodsim_spark.tables import EMBEDDINGS, RunTables, live_catalog
 from conftest import ROOT
 
@@ -208,6 +208,22 @@ def test_fine_tune_image_trains_a_projection_that_embed_uses(spark, sample_run, 
     counts = eval_counts(printed)
     with_image = live_catalog(RunTables.at(str(run)).read(spark, "catalog")).where("image_uri IS NOT NULL").count()
     assert counts["text_encoded"] == 0 and counts["image_encoded"] + counts["image_failed"] == with_image
+
+    # the text bridge: fitted on the run's text vectors of labelled listings, used by the join's input
+    assert meta["text_bridge"]["listings"] > 100 and meta["text_bridge"]["text_dim"] == 384
+    assert result["bridge_texts"] >= meta["text_bridge"]["listings"]  # those in groups with photos are used
+    tuned = load_config(overrides=result["set"])
+    tables = RunTables.at(str(run))
+    stored = {r["product_id"]: r for r in tables.read(spark, EMBEDDINGS).collect()}
+    products = {r["product_id"]: r for r in
+                join_products(tables.read(spark, "catalog"), tables.read(spark, EMBEDDINGS), tuned, with_lexical=False).collect()}
+    text_only = [p for p, r in stored.items() if r["image_embedding"] is None and r["text_embedding"] is not None]
+    assert text_only and all(len(products[p]["image_embedding"]) == 64 for p in text_only)
+    assert all(products[p]["image_embedding"] == r["image_embedding"] for p, r in stored.items()
+               if r["image_embedding"] is not None)
+    # off, or fitted on other text vectors (another text encoder id): no image vector from text
+    assert bridge.load(load_config(overrides=result["set"] + ["join.image_from_text=false"])) is None
+    assert bridge.load(load_config(overrides=result["set"] + ["embed.text.max_tokens=64"])) is None
 
 
 def test_fine_tune_reports_a_missing_labels_file_before_spark(tmp_path, capsys):
