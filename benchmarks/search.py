@@ -283,11 +283,12 @@ def bench_tuned_image_search(spark, config: ProdsimConfig, data: Path, work: Pat
     without measuring on what it trained on: the split's listings in two halves by id; the image
     encoder is fine-tuned (``prodsim fine-tune --modality image``, the configured settings) on one half's
     groups, and the other half is the catalog searched, with the pretrained and with the tuned encoder
-    (new photos of known products; the queries' studio photos and names are never trained on)."""
+    (new photos of known products; the queries' studio photos and names are never trained on). With
+    ``finetune.image.text_bridge`` the tuned half is embedded (text only) and the bridge fitted on it."""
     from prodsim_spark import finetune, io
     from prodsim_spark.config import with_overrides
-    from prodsim_spark.pipeline import run_ingest
-    from prodsim_spark.tables import CATALOG, RunTables
+    from prodsim_spark.pipeline import run_embed, run_ingest
+    from prodsim_spark.tables import CATALOG, EMBEDDINGS, RunTables
 
     catalog, _ = datasets.grocery_catalog(data, work / f"listings-{split}", split)
     parts = halves(catalog, catalog.parent / "groups.csv", work / f"halves-{split}")
@@ -295,9 +296,15 @@ def bench_tuned_image_search(spark, config: ProdsimConfig, data: Path, work: Pat
     config = with_overrides(config, [f"ingest.image_root={catalog.parent.resolve()}"])
     tune_catalog, tune_groups = parts["tune"]
     tune_run = RunTables.at(str(work / "tune-run"))
-    run_ingest(spark, str(tune_catalog), tune_run.output, config)
-    rows, not_found = finetune.image_training_rows(tune_run.read(spark, CATALOG), io.read_groups(spark, str(tune_groups)))
-    report = finetune.fine_tune(spark, "image", rows, not_found, config, str(work / "models" / "image"))
+    ingested = run_ingest(spark, str(tune_catalog), tune_run.output, config)
+    labelled = io.read_groups(spark, str(tune_groups))
+    rows, not_found = finetune.image_training_rows(tune_run.read(spark, CATALOG), labelled)
+    bridge_texts = None
+    if config.finetune.image.text_bridge:  # the text bridge is fitted on the tuned half's text vectors
+        run_embed(spark, tune_run.output, with_overrides(config, ["embed.image.enabled=false"]), ingested)
+        bridge_texts = finetune.bridge_rows(tune_run.read(spark, EMBEDDINGS), labelled)
+    report = finetune.fine_tune(spark, "image", rows, not_found, config, str(work / "models" / "image"),
+                                bridge_texts=bridge_texts)
     search_catalog, search_groups = parts["search"]
     queries = grocery_queries(data, search_groups)
     out = {"dataset": "grocery", "split": split, "tuned_on": str(tune_catalog), "searched": str(search_catalog),

@@ -111,9 +111,15 @@ def load(config: ProdsimConfig) -> TextBridge | None:
     return TextBridge(weight=weight, text_encoder=wanted, folder=str(folder))
 
 
-def image_from_text(products: DataFrame, bridge: TextBridge) -> DataFrame:
-    """``products`` (the join's input) with ``image_embedding`` filled from ``text_embedding`` where the
-    product has text and no image vector; every other row as it was."""
+def for_queries(config: ProdsimConfig) -> TextBridge | None:
+    """The text bridge for search queries: the products' (:func:`load`), when ``search.image_from_text``."""
+    return load(config) if config.search.image_from_text else None
+
+
+def image_from_text(products: DataFrame, bridge: TextBridge, where: Column | None = None) -> DataFrame:
+    """``products`` (the join's input, or search queries) with ``image_embedding`` filled from
+    ``text_embedding`` where the row has text and no image vector (and ``where`` holds); every other
+    row as it was."""
     weight = bridge.weight
 
     @F.pandas_udf(T.ArrayType(T.FloatType()))
@@ -127,5 +133,7 @@ def image_from_text(products: DataFrame, bridge: TextBridge) -> DataFrame:
         return out
 
     missing: Column = F.col("image_embedding").isNull() & F.col("text_embedding").isNotNull()
+    if where is not None:
+        missing = missing & where
     return products.withColumn("image_embedding", F.when(missing, predicted(F.col("text_embedding")))
                                .otherwise(F.col("image_embedding")))

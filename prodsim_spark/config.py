@@ -405,6 +405,11 @@ class SearchSettings(_Section):
     product is scored on what both have, so a text-only listing can outrank listings whose photo looks
     like the query's); 1: a product missing any part of the query falls far behind the ones that have
     it (a photo-only listing of the right product too)."""
+    image_from_text: bool = True
+    """A query with text and no photo also gets the image vector its text predicts, when the products
+    get theirs (``join.image_from_text`` with a text bridge in the fine-tuned image model): a text query
+    then meets the photo-only listings of the product it names. false: a text query is scored on text
+    (and the lexical channel) alone, as before the bridge."""
     columns: QueryColumns = Field(default_factory=QueryColumns)
     max_text_chars: int = Field(default=1000, ge=1)
     """Longer query texts are cut (reason truncated_text)."""

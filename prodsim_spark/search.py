@@ -42,7 +42,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from prodsim_spark import fusion, ingest, join, lexical
+from prodsim_spark import bridge, fusion, ingest, join, lexical
 from prodsim_spark.config import ProdsimConfig, SearchSettings
 from prodsim_spark.index import Index
 from prodsim_spark.io import CORRUPT_RECORD, SOURCE_ROW
@@ -127,6 +127,9 @@ def embed_queries(queries: DataFrame, config: ProdsimConfig, idf: np.ndarray | N
                          F.col("img.error").alias("image_error"), join.code(F.col("category")).alias("category"),
                          F.when(F.col("min_price") > 0, F.log("min_price")).alias("log_min_price"),
                          F.when(F.col("max_price") > 0, F.log("max_price")).alias("log_max_price"))
+    text_bridge = bridge.for_queries(config)
+    if text_bridge is not None:  # not for a query whose photo failed: it asked to be matched by that photo
+        out = bridge.image_from_text(out, text_bridge, where=F.col("image_error").isNull())
     if idf is None:
         return out.withColumn("lexical_embedding", F.lit(None).cast("array<float>"))
     fields = config.lexical.fields  # the query's text stands for every lexical field of a product
@@ -300,6 +303,7 @@ class Searcher:
         cells = fusion.nearest_cells(fusion.fused_dense(products, index.weights), index.centroids, spill)
         self._members = fusion.rows_by_cell(cells, len(index.centroids))
         self._text = self._image = None
+        self._bridge = bridge.for_queries(config)
 
     @classmethod
     def load(cls, spark, output: str, config: ProdsimConfig) -> "Searcher":
@@ -321,7 +325,8 @@ class Searcher:
 
     def embed_query(self, text: str | None = None, image=None) -> fusion.Products:
         """One query (text, image: a path/URI or a PIL image, or both) as a row of ``fusion.Products``,
-        embedded as the catalog was (text encoder, lexical channel, image encoder)."""
+        embedded as the catalog was (text encoder, lexical channel, image encoder); a text without an
+        image also gets the image vector the text bridge predicts (``search.image_from_text``)."""
         from prodsim_spark.encoders import ImageEncoder, TextEncoder
 
         dims, vectors, has = self.index.dims, {}, {}
@@ -342,6 +347,8 @@ class Searcher:
             else:  # a PIL image
                 vectors["image"] = self._image.encode_pixels(self._image.preprocess(image.convert("RGB"))[None])
             has["image"] = np.ones(1, bool)
+        elif self._bridge is not None and has.get("text", np.zeros(1, bool))[0] and dims.get("image"):
+            vectors["image"], has["image"] = bridge.apply(self._bridge.weight, vectors["text"]), np.ones(1, bool)
         return fusion.Products(np.array(["query"], dtype=object), vectors, has, np.full(1, -1), np.full(1, -1),
                                np.full(1, np.nan), np.full(1, -1))
 
