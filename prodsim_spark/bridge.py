@@ -78,13 +78,15 @@ class TextBridge:
     folder: str
 
 
-def load(config: ProdsimConfig) -> TextBridge | None:
-    """The text bridge the join should use for ``config``, or None: ``join.image_from_text`` off, no
-    fine-tuned image folder, a folder without a bridge, or one fitted on another text encoder (said in
-    the log, the join goes on without it)."""
+def load(config: ProdsimConfig, *, for_search: bool = False) -> TextBridge | None:
+    """The text bridge the join (or, ``for_search``, search: its products and queries) should use for
+    ``config``, or None: ``join.image_from_text`` (``search.image_from_text``) off, no fine-tuned image
+    folder, a folder without a bridge, or one fitted on another text encoder (said in the log, the
+    stage goes on without it)."""
     from prodsim_spark import encoders
 
-    if not config.join.image_from_text or not config.embed.image.enabled:
+    wanted = config.search.image_from_text if for_search else config.join.image_from_text
+    if not wanted or not config.embed.image.enabled:
         return None
     folder = encoders.finetuned_image_folder(config.embed.image)
     if folder is None:
@@ -109,11 +111,6 @@ def load(config: ProdsimConfig) -> TextBridge | None:
         raise ModelError(f"{path}: weight of shape {weight.shape} does not fit text vectors of "
                          f"{meta.get('text_dim')} dims", stage="join")
     return TextBridge(weight=weight, text_encoder=wanted, folder=str(folder))
-
-
-def for_queries(config: ProdsimConfig) -> TextBridge | None:
-    """The text bridge for search queries: the products' (:func:`load`), when ``search.image_from_text``."""
-    return load(config) if config.search.image_from_text else None
 
 
 def image_from_text(products: DataFrame, bridge: TextBridge, where: Column | None = None) -> DataFrame:

@@ -100,16 +100,17 @@ def run_embed(spark: SparkSession, output: str, config: ProdsimConfig, result: R
 
 
 def join_products(catalog: DataFrame, embeddings: DataFrame, config: ProdsimConfig, *, with_lexical: bool,
-                  idf=None) -> DataFrame:
+                  idf=None, for_search: bool = False) -> DataFrame:
     """The join's input, persisted: catalog attributes and embeddings, plus the lexical channel when
     ``with_lexical`` and ``lexical.enabled`` (recomputed from the catalog: its IDF depends on all of it;
     ``idf``: weights already fitted, e.g. the index's). With a text bridge in the fine-tuned image
     model (``join.image_from_text``), a product without a photo carries the image vector its text
-    predicts (:mod:`prodsim_spark.bridge`)."""
+    predicts (:mod:`prodsim_spark.bridge`); ``for_search``: the products search scores, bridged only
+    with ``search.image_from_text``."""
     lexical_vectors = (lexical.lexical_vectors(live_catalog(catalog), config.lexical, idf)
                        if with_lexical and config.lexical.enabled else None)
     products = join.join_inputs(catalog, embeddings, lexical_vectors)
-    text_bridge = bridge.load(config)
+    text_bridge = bridge.load(config, for_search=for_search)
     if text_bridge is not None:
         log.info("[join] products without a photo get an image vector from their text (the text bridge of %s)",
                  text_bridge.folder)
@@ -289,7 +290,7 @@ def run_search(spark: SparkSession, queries_path: str, output: str, config: Prod
             raise InputError("the queries table has no rows; nothing was written", stage="search", path=queries_path)
         vectors = search.embed_queries(queries, config, built.idf, torch_threads(spark, config)).persist()
         products = join_products(tables.read(spark, CATALOG), tables.read(spark, EMBEDDINGS), config,
-                                 with_lexical=built.idf is not None, idf=built.idf)
+                                 with_lexical=built.idf is not None, idf=built.idf, for_search=True)
         found = search.search_products(vectors, products, built, config.search)
         io.write_delta(search.results_table(queries, found, vectors, built), path)
         for df in (queries, vectors, products):

@@ -127,7 +127,7 @@ def embed_queries(queries: DataFrame, config: ProdsimConfig, idf: np.ndarray | N
                          F.col("img.error").alias("image_error"), join.code(F.col("category")).alias("category"),
                          F.when(F.col("min_price") > 0, F.log("min_price")).alias("log_min_price"),
                          F.when(F.col("max_price") > 0, F.log("max_price")).alias("log_max_price"))
-    text_bridge = bridge.for_queries(config)
+    text_bridge = bridge.load(config, for_search=True)
     if text_bridge is not None:  # not for a query whose photo failed: it asked to be matched by that photo
         out = bridge.image_from_text(out, text_bridge, where=F.col("image_error").isNull())
     if idf is None:
@@ -303,7 +303,7 @@ class Searcher:
         cells = fusion.nearest_cells(fusion.fused_dense(products, index.weights), index.centroids, spill)
         self._members = fusion.rows_by_cell(cells, len(index.centroids))
         self._text = self._image = None
-        self._bridge = bridge.for_queries(config)
+        self._bridge = bridge.load(config, for_search=True)
 
     @classmethod
     def load(cls, spark, output: str, config: ProdsimConfig) -> "Searcher":
@@ -314,7 +314,7 @@ class Searcher:
         index = load_index(spark, tables, config)
         catalog = tables.read(spark, CATALOG)
         products = pipeline.join_products(catalog, tables.read(spark, EMBEDDINGS), config,
-                                          with_lexical=index.idf is not None, idf=index.idf)
+                                          with_lexical=index.idf is not None, idf=index.idf, for_search=True)
         pdf = join.standard_columns(products).toPandas()
         products.unpersist()
         live = live_catalog(catalog)
@@ -326,7 +326,7 @@ class Searcher:
     def embed_query(self, text: str | None = None, image=None) -> fusion.Products:
         """One query (text, image: a path/URI or a PIL image, or both) as a row of ``fusion.Products``,
         embedded as the catalog was (text encoder, lexical channel, image encoder); a text without an
-        image also gets the image vector the text bridge predicts (``search.image_from_text``)."""
+        image also gets the image vector the text bridge predicts (``search.image_from_text``, off by default)."""
         from prodsim_spark.encoders import ImageEncoder, TextEncoder
 
         dims, vectors, has = self.index.dims, {}, {}

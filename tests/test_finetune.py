@@ -221,16 +221,18 @@ def test_fine_tune_image_trains_a_projection_that_embed_uses(spark, sample_run, 
     assert text_only and all(len(products[p]["image_embedding"]) == 64 for p in text_only)
     assert all(products[p]["image_embedding"] == r["image_embedding"] for p, r in stored.items()
                if r["image_embedding"] is not None)
-    # search queries too: a text query without a photo gets one; a query whose photo failed does not
+    # search (search.image_from_text, off by default): a text query without a photo gets one; a query
+    # whose photo failed does not
     queries = spark.createDataFrame(
         [("q1", "ok", "apple juice", None, None, None, None),
          ("q2", "ok", "apple juice", str(tmp_path / "missing.jpg"), None, None, None)],
         "query_id string, status string, text string, image_uri string, category string, min_price double, max_price double")
-    embedded = {r["query_id"]: r for r in search.embed_queries(queries, tuned, None, 1).collect()}
+    searching = load_config(overrides=result["set"] + ["search.image_from_text=true"])
+    embedded = {r["query_id"]: r for r in search.embed_queries(queries, searching, None, 1).collect()}
     assert len(embedded["q1"]["image_embedding"]) == 64
     assert embedded["q2"]["image_embedding"] is None and embedded["q2"]["image_error"]
-    assert search.embed_queries(queries, load_config(overrides=result["set"] + ["search.image_from_text=false"]),
-                                None, 1).where("image_embedding IS NOT NULL").count() == 0
+    assert search.embed_queries(queries, tuned, None, 1).where("image_embedding IS NOT NULL").count() == 0
+    assert bridge.load(searching, for_search=True) is not None and bridge.load(tuned, for_search=True) is None
     # off, or fitted on other text vectors (another text encoder id): no image vector from text
     assert bridge.load(load_config(overrides=result["set"] + ["join.image_from_text=false"])) is None
     assert bridge.load(load_config(overrides=result["set"] + ["embed.text.max_tokens=64"])) is None
